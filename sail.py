@@ -1,0 +1,1016 @@
+"""SAIL: Self-Amplified Iterative Learning for diffusion model alignment, in one file.
+
+SAIL (He et al., ICLR 2026, arXiv 2602.05380) aligns a text-to-image diffusion model with human
+preferences from a *small* seed set of human-labelled pairs and no external reward model. Step 0
+runs Diffusion-DPO (Wallace et al., CVPR 2024) on the seed pairs. Then, each iteration, the model
+draws N images for each new prompt, scores them with its own *implicit reward* (how much better it
+denoises an image than a reference model does), keeps the best and the worst as a new pair, mixes
+these self-labelled pairs with the human seed pairs and runs Diffusion-DPO again from itself.
+
+The algorithm (the paper calls the model after step 0 eps^0; iteration i trains eps^i):
+
+    D_init = human seed pairs (y, x_w, x_l)
+    eps^0  = DiffusionDPO(init=base, ref=base, data=D_init)                    # step 0
+    for i in 1..I:
+        for each new prompt y of iteration i:
+            x_1..x_N ~ sample(eps^{i-1}, y)                                    # N = 8
+            r_n = implicit_reward(eps^{i-1}, ref_r, y, x_n)                     # Eq. 8, K = 10
+            pair = (y, x_argmax r, x_argmin r)                                 # best-worst, Eq. 9
+        D_i   = ranked_mixup(self-labelled pairs, D_init, alpha)                # alpha = 0.25
+        eps^i = DiffusionDPO(init=eps^{i-1}, ref=eps^{i-1}, data=D_i)
+
+Equation map (numbers as in SPEC.md; each appears again beside the line that computes it):
+
+    Eq. F    forward noising x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps      noisy_latents, diffusion_target
+    Eq. DPO  Diffusion-DPO loss -log sigma(-(beta/2)[...])                  denoising_error, dpo_loss
+    Eq. 8    implicit reward r(y, x) = -(beta/2) mean_k[err_theta - err_ref] implicit_reward
+    Eq. 9    preference p(A > B) = sigma(r_A - r_B); best-worst pair        preference_probability, best_worst_pair
+    mixup    ranked preference mixup, ratio alpha                            ranked_mixup
+
+Run it:
+
+    python sail.py --iters 2              # GPU + Stable Diffusion 1.5; no GPU: the embedded tiny world
+    python sail.py --tiny --iters 2       # the tiny world anywhere (2 CPU cores, about a minute)
+    python sail.py --model ./my-sd15 ...  # any local diffusers folder or hub id
+    python sail.py --help                 # every setting with its paper value
+
+Sections, in the order a run executes them: 1 settings, 2 loading models, 3 the tiny world
+(plumbing a real-SD reader can skip), 4 data, 5 Diffusion-DPO loss, 6 implicit reward,
+7 self-labelling, 8 ranked mixup, 9 training, 10 the SAIL loop, 11 main.
+"""
+
+import os
+
+# Quiet by default: silence library chatter a user cannot act on (missing torchvision/accelerate
+# notes, load progress bars) before the libraries are imported.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import copy
+import hashlib
+import json
+import math
+import random
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+import diffusers
+import transformers
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline,
+                       StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, HfArgumentParser
+
+diffusers.utils.logging.disable_progress_bar()
+transformers.utils.logging.disable_progress_bar()
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+class InputError(Exception):
+    """Bad input from the user: main() prints it on one line and exits with code 2."""
+
+
+# =================================================================================================
+# 1. Settings
+# =================================================================================================
+
+@dataclass
+class Args:
+    # --- what to align, and where to write
+    model: str = field(default="stable-diffusion-v1-5/stable-diffusion-v1-5", metadata={
+        "help": "base model: a hub id or a local diffusers folder (paper: SD 1.5 and SDXL)"})
+    tiny: bool = field(default=False, metadata={
+        "help": "run the embedded tiny world (the default when no GPU is found)"})
+    seed_pairs: str = field(default="seed_pairs.json", metadata={
+        "help": "human seed pairs D_init: JSON list of {prompt, chosen, rejected} (paper: ~50K "
+                "Pick-a-Pic v2 pairs, 6%)"})
+    prompts: str = field(default="prompts.txt", metadata={
+        "help": "new prompts, one per line; iteration i takes the i-th disjoint slice"})
+    out: Optional[str] = field(default=None, metadata={
+        "help": "output folder, must not exist yet (default: runs/<world>-<time>)"})
+    seed: int = field(default=0, metadata={"help": "seed of every random draw"})
+    # --- SAIL (SPEC section 3)
+    iters: int = field(default=3, metadata={
+        "help": "SAIL iterations after step 0 (paper: 3 for SD 1.5, 2 for SDXL)"})
+    prompts_per_iter: Optional[int] = field(default=None, metadata={
+        "help": "new prompts per iteration (paper: 10K, 20K, 20K; default: prompts file split "
+                "evenly over the iterations)"})
+    n_candidates: int = field(default=8, metadata={"help": "N, images per prompt (paper: 8)"})
+    k_draws: int = field(default=10, metadata={
+        "help": "K, (t, noise) draws of the implicit reward, Eq. 8 (paper: 10)"})
+    beta: float = field(default=5000.0, metadata={
+        "help": "beta of Eq. DPO and Eq. 8 (paper: 5000)"})
+    mix_alpha: float = field(default=0.25, metadata={
+        "help": "alpha, fraction of self-labelled pairs in each mixed set (paper: 0.25; 1 = no "
+                "mixup)"})
+    keep_top: float = field(default=1.0, metadata={
+        "help": "keep this top fraction of self-labelled pairs, ranked by confidence (our choice)"})
+    pairs: Literal["best-worst", "random"] = field(default="best-worst", metadata={
+        "help": "which candidates form a pair (paper: best-worst; random is its ablation)"})
+    reward_ref: Literal["base", "prev"] = field(default="base", metadata={
+        "help": "reference of the implicit reward: the base model, or the previous round's DPO "
+                "reference (our choice, SPEC 2c)"})
+    # --- Diffusion-DPO training
+    effective_batch: int = field(default=128, metadata={
+        "help": "pairs per optimizer step (paper: 128)"})
+    micro_batch: int = field(default=8, metadata={
+        "help": "pairs per forward pass; gradients accumulate up to --effective-batch"})
+    optimizer: Literal["adamw", "adafactor"] = field(default="adamw", metadata={
+        "help": "optimizer (paper: AdamW for SD 1.5, Adafactor for SDXL)"})
+    lr: Optional[float] = field(default=None, metadata={
+        "help": "learning rate (default: 1e-8 x effective batch, the Diffusion-DPO rule)"})
+    dpo_steps: Optional[int] = field(default=None, metadata={
+        "help": "optimizer steps per DPO stage (default: one pass over the stage's pairs)"})
+    cfg_dropout: float = field(default=0.2, metadata={
+        "help": "fraction of training prompts replaced by '' so CFG keeps working (Diffusion-DPO: "
+                "0.2)"})
+    # --- sampling candidates
+    resolution: int = field(default=512, metadata={"help": "image size in pixels (SD 1.5: 512)"})
+    sampler: Literal["ddpm", "ddim"] = field(default="ddpm", metadata={
+        "help": "sampler for candidates (paper: DDPM for SD 1.5, DDIM for SDXL)"})
+    sample_steps: int = field(default=50, metadata={"help": "denoising steps (paper: 50)"})
+    guidance_scale: float = field(default=7.5, metadata={"help": "CFG scale (paper: 7.5)"})
+    generation_batch: int = field(default=64, metadata={"help": "images per pipeline call"})
+    reward_batch: int = field(default=80, metadata={
+        "help": "noisy latents per UNet call of the implicit reward"})
+    # --- tiny world
+    pretrain_steps: int = field(default=400, metadata={
+        "help": "tiny world only: UNet pretraining steps of the tiny base model (cached)"})
+    make_seed_pairs: bool = field(default=False, metadata={
+        "help": "tiny world only: write the tiny world's seed pairs to --seed-pairs and exit"})
+
+
+# The tiny world overrides what a 1M-parameter model on 16x16 images needs; everything else keeps
+# the paper's value. lr: the 1e-8 x batch rule gives 1.6e-7 here, far too small for a tiny model;
+# 3e-5 trained and >= 1e-4 over-optimised in our measurements (SPEC section 4).
+TINY_PRESET = dict(resolution=16, sampler="ddim", sample_steps=10, guidance_scale=2.0,
+                   effective_batch=16, micro_batch=16, lr=3e-5, dpo_steps=40, prompts_per_iter=18,
+                   generation_batch=144)
+
+
+# SDXL: the paper's SDXL settings (SPEC section 3): 2 iterations, Adafactor, DDIM 20 steps, CFG 5.
+SDXL_PRESET = dict(iters=2, resolution=1024, sampler="ddim", sample_steps=20, guidance_scale=5.0,
+                   optimizer="adafactor")
+# The pipeline classes sail.py knows, each with its preset; see encode_text for how they differ.
+PRESETS = {"StableDiffusionPipeline": {}, "StableDiffusionXLPipeline": SDXL_PRESET}
+
+
+def pipeline_class(model):
+    """The pipeline class a hub id or folder declares (model_index.json), before loading weights."""
+    try:
+        name = DiffusionPipeline.load_config(model)["_class_name"]
+    except Exception as error:  # offline, missing folder, not a pipeline: all the same to a user
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"could not load --model {model}: {reason} "
+                         "(no network or weights? run with --tiny for the embedded tiny world)")
+    if name not in PRESETS:
+        raise InputError(f"--model {model}: pipeline class {name} is not supported "
+                         f"(supported: {', '.join(PRESETS)})")
+    return name
+
+
+def parse_args(argv):
+    """Parse the command line; the world (tiny, SD or SDXL) decides the defaults, then validate."""
+    explicit_model = any(a == "--model" or a.startswith("--model=") for a in argv)
+    parser = HfArgumentParser(Args)
+    args, = parser.parse_args_into_dataclasses(argv)
+    if not args.tiny and not explicit_model and not torch.cuda.is_available():
+        args.tiny = True  # no GPU and no model asked for: the embedded tiny world
+    # Parse again with the world's preset as defaults: flags given on the command line still win.
+    parser.set_defaults(**(TINY_PRESET if args.tiny else PRESETS[pipeline_class(args.model)]),
+                        tiny=args.tiny)
+    args, = parser.parse_args_into_dataclasses(argv)
+    # Derived values, filled in once here so every later line reads them from args.
+    if args.lr is None:
+        args.lr = 1e-8 * args.effective_batch  # Diffusion-DPO: 1e-8 x effective batch
+    checks = [
+        (args.iters >= 0, "--iters must be >= 0"),
+        (args.n_candidates >= 2, "--n-candidates (N) must be >= 2 to form a pair"),
+        (args.k_draws >= 1, "--k-draws (K) must be >= 1"),
+        (0 < args.mix_alpha <= 1, "--mix-alpha must be in (0, 1]"),
+        (0 < args.keep_top <= 1, "--keep-top must be in (0, 1]"),
+        (args.beta > 0, "--beta must be > 0"),
+        (args.lr > 0, "--lr must be > 0"),
+        (args.micro_batch >= 1 and args.effective_batch % args.micro_batch == 0,
+         "--effective-batch must be a multiple of --micro-batch (>= 1)"),
+        (args.dpo_steps is None or args.dpo_steps >= 1, "--dpo-steps must be >= 1"),
+        (args.prompts_per_iter is None or args.prompts_per_iter >= 1,
+         "--prompts-per-iter must be >= 1"),
+        (0 <= args.cfg_dropout < 1, "--cfg-dropout must be in [0, 1)"),
+        (args.resolution >= 8 and args.resolution % 8 == 0, "--resolution must be a multiple of 8"),
+        (args.sample_steps >= 1, "--sample-steps must be >= 1"),
+        (args.generation_batch >= 1 and args.reward_batch >= 1, "batch sizes must be >= 1"),
+        (args.pretrain_steps >= 1, "--pretrain-steps must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise InputError(message)
+    return args
+
+
+# =================================================================================================
+# 2. Loading models                                                              (plumbing)
+# =================================================================================================
+# Real SD and the tiny world go through these same lines: the tiny base is a diffusers folder too.
+
+def load_pipeline(model, device):
+    """A diffusers text-to-image pipeline (SD or SDXL) from a hub id or local folder, all frozen."""
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, safety_checker=None,
+                                                 requires_safety_checker=False)
+    except Exception as error:
+        raise InputError(f"could not load --model {model}: {str(error).strip().splitlines()[0]} "
+                         "(run with --tiny for the embedded tiny world)")
+    pipe.set_progress_bar_config(disable=True)  # we keep one bar per stage ourselves
+    pipe.to(device)
+    for part in pipe.components.values():  # text encoders, VAE, UNet; training unfreezes the UNet
+        if isinstance(part, torch.nn.Module):
+            part.requires_grad_(False)
+    return pipe
+
+
+def encode_text(pipe, prompts, resolution):
+    """Prompts -> the UNet's conditioning kwargs. The one place where SD and SDXL differ.
+
+    pipe.encode_prompt is the pipeline's own text path, so training conditions exactly as
+    sampling does. SD 1.5: {"encoder_hidden_states": (B, 77, 768)}. SDXL adds a pooled text
+    embedding and "micro-conditioning" time ids; its hidden states are both text encoders'
+    penultimate layers concatenated, (B, 77, 2048).
+    """
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        hidden, _, pooled, _ = pipe.encode_prompt(prompts, device=pipe.device,
+                                                  do_classifier_free_guidance=False)
+        # time ids = (original h, w, crop top, crop left, target h, w): we train and sample
+        # uncropped at one resolution (our choice; the pipeline samples with the same ids)
+        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]],
+                                dtype=hidden.dtype, device=pipe.device).repeat(len(prompts), 1)  # (B, 6)
+        return {"encoder_hidden_states": hidden,
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+    hidden, _ = pipe.encode_prompt(prompts, device=pipe.device, num_images_per_prompt=1,
+                                   do_classifier_free_guidance=False)
+    return {"encoder_hidden_states": hidden}                                    # (B, L, D)
+
+
+def map_cond(fn, cond):
+    """Apply fn to every tensor of a conditioning dict (nested for SDXL): repeat, slice, concat."""
+    return {name: map_cond(fn, value) if isinstance(value, dict) else fn(value)
+            for name, value in cond.items()}
+
+
+def encode_images(vae, images):
+    """Images (B, 3, H, W) in [-1, 1] -> latents x_0 (B, 4, H/f, W/f), scaled as the UNet expects."""
+    with torch.no_grad():
+        # latent_dist.sample() as in the Diffusion-DPO official code
+        return vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
+
+
+def decode_latents(vae, latents):
+    """Latents (B, 4, h, w) -> images (B, 3, H, W) in [0, 1]."""
+    with torch.no_grad():
+        images = vae.decode(latents / vae.config.scaling_factor).sample  # (B, 3, H, W) in [-1, 1]
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+# =================================================================================================
+# 3. The tiny world                                    (plumbing; real-SD readers can skip it)
+# =================================================================================================
+# A world small enough for 2 CPU cores in which alignment can be *seen*:
+# - images: one filled shape of one colour on black, 16x16 RGB, with random size, position and
+#   brightness; prompts "a {colour} {shape}" (6 colours x 3 shapes = 18 prompts);
+# - a Stable-Diffusion-shaped pipeline (CLIP tokenizer + text encoder, AutoencoderKL, UNet, DDPM
+#   scheduler), built from configs and briefly pretrained on that world, then cached;
+# - a simulated annotator, a fixed hand-written rule standing in for the human labellers: it
+#   prefers bright, large, centred paint of the prompted colour. It labelled the shipped seed
+#   pairs, and it scores samples after every stage so a student sees alignment as a number.
+#   SAIL itself never calls it: only the seed pairs carry its labels.
+# Seed pairs cover only the "seen" prompts (red/green/blue x square/circle); the other 12 are
+# "unseen", so self-labelling has something to carry beyond the human data (SPEC section 4).
+
+TINY_COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0),
+                "yellow": (1.0, 1.0, 0.0), "magenta": (1.0, 0.0, 1.0), "cyan": (0.0, 1.0, 1.0)}
+TINY_SHAPES = ("square", "circle", "triangle")
+TINY_PROMPTS = [f"a {c} {s}" for c in TINY_COLOURS for s in TINY_SHAPES]
+TINY_SEEN = [f"a {c} {s}" for c in ("red", "green", "blue") for s in ("square", "circle")]
+TINY_SIZE = 16           # pixels; the autoencoder halves it: latents are (4, 8, 8)
+TINY_SEED_PAIRS = 64     # pairs in the shipped seed_pairs.json
+TINY_EVAL_SEEDS = 4      # images per prompt in each evaluation (same noise at every stage)
+TINY_VERSION = "1"       # bump when the world or the tiny configs change: invalidates the cache
+
+
+def parse_tiny_prompt(prompt):
+    """'a red circle' -> ('red', 'circle'); None if the tiny world cannot draw it."""
+    words = prompt.split()
+    if len(words) == 3 and words[0] == "a" and words[1] in TINY_COLOURS and words[2] in TINY_SHAPES:
+        return words[1], words[2]
+    return None
+
+
+def draw_tiny_images(prompts, generator):
+    """The world's image distribution: (B, 3, 16, 16) in [0, 1], one random shape per prompt."""
+    b = len(prompts)
+    radius = 2.5 + 3.0 * torch.rand(b, 1, 1, generator=generator)             # (B, 1, 1) pixels
+    centre = 7.5 + 6.0 * (torch.rand(b, 2, 1, 1, generator=generator) - 0.5)  # (B, 2, 1, 1)
+    brightness = 0.4 + 0.6 * torch.rand(b, 1, 1, 1, generator=generator)       # (B, 1, 1, 1)
+    grid = torch.arange(TINY_SIZE, dtype=torch.float32)
+    dy = grid.view(1, -1, 1) - centre[:, 0]                                    # (B, 16, 1)
+    dx = grid.view(1, 1, -1) - centre[:, 1]                                    # (B, 1, 16)
+    masks = {"square": (dx.abs() <= radius) & (dy.abs() <= radius),
+             "circle": dx ** 2 + dy ** 2 <= radius ** 2,
+             "triangle": (dy.abs() <= radius) & (dx.abs() <= (dy + radius) / 2)}  # each (B, 16, 16)
+    colour, shape = zip(*(parse_tiny_prompt(p) for p in prompts))
+    mask = torch.stack([masks[s][i] for i, s in enumerate(shape)]).float()   # (B, 16, 16)
+    rgb = torch.tensor([TINY_COLOURS[c] for c in colour]).view(b, 3, 1, 1)   # (B, 3, 1, 1)
+    return brightness * rgb * mask.unsqueeze(1)                              # (B, 3, 16, 16)
+
+
+def annotator_score(images, prompts):
+    """The simulated human: 0-100, higher for bright, large, centred paint of the prompted colour.
+
+    score = 100 * sum_pixels w(p) * exp(-||pixel - colour||^2 / 0.2), w a centred Gaussian (sum 1).
+    """
+    rgb = torch.tensor([TINY_COLOURS[parse_tiny_prompt(p)[0]] for p in prompts])
+    match = torch.exp(-((images - rgb.view(-1, 3, 1, 1)) ** 2).sum(1) / 0.2)  # (B, 16, 16)
+    grid = torch.arange(TINY_SIZE, dtype=torch.float32) - (TINY_SIZE - 1) / 2
+    weight = torch.exp(-(grid.view(-1, 1) ** 2 + grid.view(1, -1) ** 2) / (2 * 4.0 ** 2))
+    return 100 * (match * weight / weight.sum()).sum((1, 2))                   # (B,)
+
+
+def fidelity(images, prompts):
+    """Does each image still show its prompt? (B,) bool: right colour, right shape, not a blob.
+
+    Tracked beside the annotator score, because a score far above the data's range bought with a
+    screen full of paint is reward hacking, not alignment (SPEC section 4).
+    """
+    painted = images.amax(1) > 0.25                                             # (B, 16, 16)
+    ok = []
+    for image, mask, prompt in zip(images, painted, prompts):
+        colour, shape = parse_tiny_prompt(prompt)
+        area = int(mask.sum())
+        if area < 9 or area > 0.6 * TINY_SIZE ** 2:  # the world draws 16..144 pixels (r in 2.5..5.5)
+            ok.append(False)
+            continue
+        mean_rgb = image[:, mask].mean(1)                                       # (3,)
+        names = list(TINY_COLOURS)
+        palette = torch.tensor([TINY_COLOURS[c] for c in names])                # (6, 3)
+        nearest_colour = names[int(F.cosine_similarity(palette, mean_rgb[None]).argmax())]
+        rows, cols = mask.any(1).nonzero(), mask.any(0).nonzero()
+        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        fill = area / float(box)  # square ~1.0, circle ~0.79, triangle ~0.5 of its bounding box
+        nearest_shape = min(zip((1.0, 0.76, 0.5), TINY_SHAPES), key=lambda fs: abs(fs[0] - fill))[1]
+        ok.append(nearest_colour == colour and nearest_shape == shape)
+    return torch.tensor(ok)
+
+
+def tiny_tokenizer(folder):
+    """A word-level CLIPTokenizer for the world's words, built offline.
+
+    BPE merges spell each word letter by letter ('r e', 're d</w>'), so every word becomes one
+    token. (A CLIPTokenizer from a hub id, offline, can silently come back with 2 tokens.)
+    """
+    words = ["a", *TINY_COLOURS, *TINY_SHAPES]
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {piece: i for i, piece in enumerate([*letters, *(l + "</w>" for l in letters)])}
+    merges = []
+    for word in words:
+        for i in range(1, len(word)):
+            left, right = word[:i], word[i] + ("</w>" if i == len(word) - 1 else "")
+            if f"{left} {right}" not in merges:
+                merges.append(f"{left} {right}")
+                vocab.setdefault(left + right, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=8)
+
+
+def build_tiny_pipeline(folder):
+    """An untrained Stable-Diffusion-shaped pipeline (about 0.9M parameters) from configs."""
+    tokenizer = tiny_tokenizer(folder)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=8, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    unet = UNet2DConditionModel(
+        sample_size=TINY_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=4,
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, sample_size=TINY_SIZE)
+    # SD 1.5's noise schedule (scaled_linear 0.00085..0.012 over T = 1000 steps)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                              beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   unet=unet, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def pretrain_tiny_pipeline(pipe, steps, seed):
+    """Teach the tiny pipeline its world, as SD was taught on LAION: autoencoder, then UNet."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def world_batch(size):
+        prompts = [TINY_PROMPTS[i] for i in torch.randint(len(TINY_PROMPTS), (size,),
+                                                            generator=generator)]
+        return prompts, draw_tiny_images(prompts, generator) * 2 - 1  # images in [-1, 1]
+
+    # (a) autoencoder: reconstruction + a tiny KL term (SD's VAE recipe, scaled down)
+    vae = pipe.vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    for _ in tqdm(range(steps), desc="tiny world: pretrain autoencoder", leave=False):
+        _, images = world_batch(32)
+        posterior = vae.encode(images).latent_dist
+        loss = F.mse_loss(vae.decode(posterior.sample()).sample, images) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    vae.eval().requires_grad_(False)
+    # scaling factor = 1 / std of the latents, so x_0 has unit variance (how SD chose 0.18215)
+    latents = vae.encode(world_batch(512)[1]).latent_dist.sample()
+    vae.register_to_config(scaling_factor=float(1 / latents.std()))
+
+    # (b) text encoder + UNet: plain denoising loss (Eq. F with an epsilon target), 15% empty
+    # prompts so classifier-free guidance works; AdamW, warm-up + cosine, clip 1 (SPEC section 4)
+    params = [*pipe.unet.parameters(), *pipe.text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=3e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1, (s + 1) / 30) * 0.5 * (
+        1 + math.cos(math.pi * s / steps)))
+    pipe.unet.train()
+    pipe.text_encoder.train()
+    for _ in tqdm(range(steps), desc="tiny world: pretrain base model", leave=False):
+        prompts, images = world_batch(32)
+        prompts = ["" if torch.rand(1, generator=generator) < 0.15 else p for p in prompts]
+        x0 = encode_images(vae, images)                                      # (32, 4, 8, 8)
+        cond = encode_text(pipe, prompts, TINY_SIZE)                          # (32, 8, 32)
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (32,), generator=generator)
+        loss = denoising_error(pipe.unet, pipe.scheduler, x0, noise, t, cond).mean()  # section 5
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+    pipe.unet.eval().requires_grad_(False)
+    pipe.text_encoder.eval().requires_grad_(False)
+    return pipe
+
+
+def tiny_base_model(pretrain_steps, seed=0):
+    """Path of the pretrained tiny base pipeline, pretraining it once (cached by its settings)."""
+    key = hashlib.sha256(f"{TINY_VERSION}-{pretrain_steps}-{seed}-{torch.__version__}".encode())
+    cache = Path(os.environ.get("SAIL_CACHE", Path.home() / ".cache" / "sail"))
+    folder = cache / f"tiny-base-{key.hexdigest()[:12]}"
+    if not (folder / "model_index.json").exists():
+        started = time.time()
+        with tempfile.TemporaryDirectory() as scratch:
+            torch.manual_seed(seed)  # the configs' random initialisation
+            pipe = pretrain_tiny_pipeline(build_tiny_pipeline(Path(scratch)), pretrain_steps, seed)
+        partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
+        pipe.save_pretrained(partial)
+        partial.replace(folder)  # atomic: a killed pretraining never leaves a half-written cache
+        print(f"tiny world: pretrained the base model in {time.time() - started:.0f} s, "
+              f"cached in {folder}")
+    return str(folder)
+
+
+def make_tiny_seed_pairs(path, seed):
+    """Write the tiny world's human seed set: world images of the seen prompts, annotator-labelled.
+
+    Like Pick-a-Pic, two images of the same prompt; the annotator picks the one it prefers, and
+    near-ties (< 1 point apart) are dropped, as Diffusion-DPO drops tied human labels.
+    """
+    path = Path(path)
+    image_dir = path.parent / "seed_images"
+    if path.exists() or image_dir.exists():
+        raise InputError(f"{path} or {image_dir} already exists; remove them to regenerate")
+    image_dir.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
+    pairs = []
+    while len(pairs) < TINY_SEED_PAIRS:
+        prompt = TINY_SEEN[len(pairs) % len(TINY_SEEN)]
+        images = draw_tiny_images([prompt, prompt], generator)              # (2, 3, 16, 16)
+        score = annotator_score(images, [prompt, prompt])
+        if abs(score[0] - score[1]) < 1.0:
+            continue
+        winner = int(score.argmax())
+        names = [f"seed_images/{len(pairs):03d}_chosen.png", f"seed_images/{len(pairs):03d}_rejected.png"]
+        save_image(images[winner], path.parent / names[0])
+        save_image(images[1 - winner], path.parent / names[1])
+        pairs.append({"prompt": prompt, "chosen": names[0], "rejected": names[1]})
+    path.write_text(json.dumps(pairs, indent=1) + "\n")
+    print(f"wrote {len(pairs)} seed pairs to {path} and their images to {image_dir}")
+
+
+# =================================================================================================
+# 4. Data: seed pairs and prompts                                                (plumbing)
+# =================================================================================================
+
+def read_seed_pairs(path):
+    """seed_pairs.json -> list of {prompt, chosen, rejected} with image paths made absolute.
+
+    Checks every entry and opens every image header now, so a bad file fails before any work.
+    """
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: cannot read: {error}")
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path}: not valid JSON: {error}")
+    if not isinstance(entries, list) or not entries:
+        raise InputError(f"{path}: expected a non-empty JSON list of "
+                         '{"prompt", "chosen", "rejected"} objects')
+    pairs = []
+    for i, entry in enumerate(entries):
+        where = f"{path}: entry {i}"
+        if not isinstance(entry, dict):
+            raise InputError(f"{where}: expected an object, got {type(entry).__name__}")
+        for key in ("prompt", "chosen", "rejected"):
+            if not isinstance(entry.get(key), str):
+                raise InputError(f"{where}: key '{key}' missing or not a string")
+        pair = {"prompt": entry["prompt"]}
+        for key in ("chosen", "rejected"):
+            image_path = path.parent / entry[key]  # relative to the JSON file (or absolute)
+            try:
+                with Image.open(image_path) as image:
+                    image.verify()
+            except (OSError, UnidentifiedImageError) as error:
+                raise InputError(f"{where}: {key} image {entry[key]} missing or unreadable: "
+                                 f"{type(error).__name__}")
+            pair[key] = str(image_path)
+        pairs.append(pair)
+    return pairs
+
+
+def read_prompts(path):
+    """prompts.txt -> list of prompts; blank lines and '#' comments are skipped."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: cannot read: {error}")
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise InputError(f"{path}: no prompts (only blank lines or # comments)")
+    return prompts
+
+
+def load_image(path, resolution):
+    """Image file -> (3, R, R) tensor in [-1, 1]: resize the short side, centre-crop."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        scale = resolution / min(image.size)
+        image = image.resize((max(resolution, round(image.width * scale)),
+                              max(resolution, round(image.height * scale))), Image.BICUBIC)
+        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return pixels.view(resolution, resolution, 3).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def save_image(image, path):
+    """(3, H, W) tensor in [0, 1] -> PNG file."""
+    pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(pixels).save(path)
+
+
+def pair_batches(pairs, batch_size, generator):
+    """Endless shuffled batches of pairs; every pair is seen once per pass."""
+    while True:
+        order = torch.randperm(len(pairs), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            yield [pairs[i] for i in order[start:start + batch_size]]
+
+
+# =================================================================================================
+# 5. Diffusion-DPO loss                                               (ALGORITHM: Eq. F, Eq. DPO)
+# =================================================================================================
+
+def noisy_latents(scheduler, x0, noise, t):
+    """Eq. F: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps, with a_t = alphas_cumprod[t]."""
+    a_t = scheduler.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)         # (B, 1, 1, 1)
+    return a_t.sqrt() * x0 + (1 - a_t).sqrt() * noise
+
+
+def diffusion_target(scheduler, x0, noise, t):
+    """What the UNet is trained to predict, per the scheduler's prediction_type (never hard-coded)."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        a_t = scheduler.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
+        # v = sqrt(a_t) eps - sqrt(1 - a_t) x_0   (Salimans & Ho 2022; SD 2.x)
+        return a_t.sqrt() * noise - (1 - a_t).sqrt() * x0
+    raise InputError(f"prediction_type {prediction_type!r} is not supported "
+                     "(supported: epsilon, v_prediction)")
+
+
+def denoising_error(unet, scheduler, x0, noise, t, cond):
+    """err_m(x) = ||target - m(x_t, y, t)||^2, mean over C, H, W: (B,).
+
+    The one function behind the loss, the implicit reward and the tiny world's pretraining.
+    (Diffusion-DPO official code: mean over C,H,W per sample.)
+    """
+    x_t = noisy_latents(scheduler, x0, noise, t)                                # (B, C, h, w)
+    prediction = unet(x_t, t, **cond).sample                                    # (B, C, h, w)
+    target = diffusion_target(scheduler, x0, noise, t)
+    return ((prediction.float() - target.float()) ** 2).mean(dim=(1, 2, 3))    # (B,)
+
+
+def dpo_loss(err_theta_w, err_theta_l, err_ref_w, err_ref_l, beta):
+    """Eq. DPO on (B,) per-sample errors -> (scalar loss, (B,) logits `inside`).
+
+    At theta == ref, inside = 0 and the loss is ln 2. The loss falls when theta lowers its error
+    on the winner more than the reference does, and rises when it does so on the loser.
+    """
+    # Eq. DPO: inside = -(beta/2) * [(err_theta(x_w) - err_theta(x_l)) - (err_ref(x_w) - err_ref(x_l))]
+    inside = -(beta / 2) * ((err_theta_w - err_theta_l) - (err_ref_w - err_ref_l))  # (B,)
+    # Eq. DPO: loss = -log sigma(inside), mean over the batch
+    loss = -F.logsigmoid(inside).mean()
+    return loss, inside
+
+
+# =================================================================================================
+# 6. Implicit reward                                                   (ALGORITHM: Eq. 8, Eq. 9)
+# =================================================================================================
+
+def implicit_reward(unet, ref_unet, latents, text_emb, scheduler, beta, k, generator,
+                    batch_size=None):
+    """Eq. 8 for the N candidate latents (N, C, h, w) of one prompt: (N,) rewards.
+
+    r(y, x) = -(beta/2) * (1/K) * sum_k [err_theta(x; t_k, eps_k) - err_ref(x; t_k, eps_k)]
+
+    `text_emb` is the prompt's conditioning, a (1, L, D) tensor or encode_text's dict. The K draws
+    (t_k, eps_k) come from `generator` and are shared by all N candidates (common random numbers,
+    our choice SPEC 2a): differences between candidates come from the images, not the draws. All
+    N*K noisy latents go through each UNet in batches of `batch_size` (default: all at once).
+    """
+    n = latents.shape[0]
+    cond = text_emb if isinstance(text_emb, dict) else {"encoder_hidden_states": text_emb}
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (k,), generator=generator)  # (K,)
+    noise = torch.randn((k, *latents.shape[1:]), generator=generator)                     # (K, C, h, w)
+    device = latents.device
+    x0 = latents.repeat_interleave(k, dim=0)                  # (N*K, C, h, w): row n*K + j = candidate n, draw j
+    noise, t = noise.to(device).repeat(n, 1, 1, 1), t.to(device).repeat(n)  # (N*K, C, h, w), (N*K,)
+    cond = map_cond(lambda v: v.repeat_interleave(n * k, dim=0), cond)                      # (N*K, L, D)
+    batch_size = batch_size or n * k
+    err = {}
+    with torch.no_grad():
+        for name, model in (("theta", unet), ("ref", ref_unet)):
+            err[name] = torch.cat([
+                denoising_error(model, scheduler, x0[s:s + batch_size], noise[s:s + batch_size],
+                                t[s:s + batch_size], map_cond(lambda v: v[s:s + batch_size], cond))
+                for s in range(0, n * k, batch_size)]).view(n, k)                         # (N, K)
+    # Eq. 8: r = -(beta/2) * mean_k [err_theta - err_ref]
+    return -(beta / 2) * (err["theta"] - err["ref"]).mean(dim=1)                          # (N,)
+
+
+def preference_probability(reward_a, reward_b):
+    """Eq. 9: p(x_A > x_B | y) = sigma(r(y, x_A) - r(y, x_B))."""
+    return torch.sigmoid(reward_a - reward_b)
+
+
+# =================================================================================================
+# 7. Self-labelling: generate, rank, pair                                          (ALGORITHM)
+# =================================================================================================
+
+def set_sampler(pipe, args):
+    """Candidates are drawn with the paper's sampler (DDPM for SD 1.5, DDIM for SDXL)."""
+    kind = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[args.sampler]
+    pipe.scheduler = kind.from_config(pipe.scheduler.config)
+
+
+def generate(pipe, prompts, n, args, generator):
+    """n images for each prompt with the pipeline's own sampler -> latents (P*n, C, h, w)."""
+    return pipe(prompt=prompts, num_images_per_prompt=n, num_inference_steps=args.sample_steps,
+                guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution,
+                generator=generator, output_type="latent").images
+
+
+def best_worst_pair(rewards):
+    """Best-worst selection: (argmax r, argmin r), or None when they tie.
+
+    The pair with the largest Eq. 9 probability among all N(N-1)/2 pairs. A tie (p == 0.5 within
+    float tolerance) carries no preference, so no pair (Diffusion-DPO drops ties too).
+    """
+    best, worst = int(rewards.argmax()), int(rewards.argmin())
+    if torch.isclose(rewards[best], rewards[worst]):
+        return None
+    return best, worst
+
+
+def random_pair(rewards, generator):
+    """Ablation: two random candidates, labelled by Eq. 9 (winner = higher reward); None on a tie."""
+    a, b = torch.randperm(len(rewards), generator=generator)[:2].tolist()
+    if torch.isclose(rewards[a], rewards[b]):
+        return None
+    return (a, b) if preference_probability(rewards[a], rewards[b]) > 0.5 else (b, a)
+
+
+def self_label(pipe, judge_ref, prompts, args, folder, generator):
+    """Generate N candidates per prompt with the current model, judge them with Eq. 8, keep a pair.
+
+    Returns pairs in the seed-pair format (images saved as PNG under `folder`) with their rewards
+    and confidence p(x_w > x_l) (Eq. 9). Prompts whose best and worst tie are skipped.
+    """
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # training-time noise schedule
+    per_call = max(1, args.generation_batch // args.n_candidates)
+    pairs, ties = [], 0
+    bar = tqdm(total=len(prompts), desc=f"{folder.name}: generate + rank", leave=False)
+    for start in range(0, len(prompts), per_call):
+        chunk = prompts[start:start + per_call]
+        latents = generate(pipe, chunk, args.n_candidates, args, generator)  # (P*N, C, h, w)
+        cond = encode_text(pipe, chunk, args.resolution)                     # (P, L, D)
+        for p, prompt in enumerate(chunk):
+            candidates = latents[p * args.n_candidates:(p + 1) * args.n_candidates]  # (N, C, h, w)
+            rewards = implicit_reward(pipe.unet, judge_ref, candidates,
+                                      map_cond(lambda v: v[p:p + 1], cond), scheduler,
+                                      args.beta, args.k_draws, generator, args.reward_batch)
+            chosen = (best_worst_pair(rewards) if args.pairs == "best-worst"
+                      else random_pair(rewards, generator))
+            bar.update()
+            if chosen is None:
+                ties += 1
+                continue
+            images = decode_latents(pipe.vae, candidates[list(chosen)])      # (2, 3, H, W)
+            index = len(pairs)
+            names = [f"pairs/{index:05d}_chosen.png", f"pairs/{index:05d}_rejected.png"]
+            for image, name in zip(images, names):
+                save_image(image, folder / name)
+            r_w, r_l = rewards[chosen[0]].item(), rewards[chosen[1]].item()
+            pairs.append({"prompt": prompt, "chosen": str(folder / names[0]),
+                          "rejected": str(folder / names[1]), "reward_chosen": r_w,
+                          "reward_rejected": r_l,
+                          "confidence": preference_probability(torch.tensor(r_w),
+                                                               torch.tensor(r_l)).item()})
+    bar.close()
+    return pairs, ties
+
+
+# =================================================================================================
+# 8. Ranked preference mixup                                                       (ALGORITHM)
+# =================================================================================================
+
+def ranked_mixup(self_pairs, seed_pairs, alpha, rng, keep_top=1.0):
+    """D_i: rank self-labelled pairs by confidence, keep the top fraction, mix with seed pairs.
+
+    A fraction `alpha` of the result is self-labelled and 1 - alpha is human seed pairs, so
+    |D_i| = |S_i| / alpha (our reading of the paper's "ranked preference mixup", SPEC section 2).
+    Seed pairs are drawn without replacement, with replacement only if the seed set is too small.
+    """
+    # confidence sigma(r_w - r_l) (Eq. 9) is monotone in the margin r_w - r_l: rank by it
+    ranked = sorted(self_pairs, key=lambda p: p["reward_chosen"] - p["reward_rejected"],
+                    reverse=True)
+    kept = ranked[:max(1, round(keep_top * len(ranked)))] if ranked else []
+    # |D_i| = |S_i| / alpha  =>  seed pairs = |S_i| (1 - alpha) / alpha
+    n_seed = round(len(kept) * (1 - alpha) / alpha)
+    if n_seed <= len(seed_pairs):
+        seeds = rng.sample(seed_pairs, n_seed)
+    else:
+        seeds = rng.choices(seed_pairs, k=n_seed)
+    return kept + seeds
+
+
+# =================================================================================================
+# 9. Training: Diffusion-DPO on a list of pairs                                    (ALGORITHM)
+# =================================================================================================
+
+def diffusion_dpo(pipe, ref_unet, pairs, args, stage, log, generator):
+    """Train pipe.unet (theta) with Eq. DPO against the frozen ref_unet; returns mean metrics."""
+    unet, vae, device = pipe.unet, pipe.vae, pipe.device
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    accumulate = args.effective_batch // args.micro_batch
+    steps = args.dpo_steps or math.ceil(len(pairs) / args.effective_batch)
+    batches = pair_batches(pairs, args.micro_batch, generator)
+    optimizer = make_optimizer(unet.parameters(), args)
+    unet.train().requires_grad_(True)
+    history = []
+    for step in tqdm(range(steps), desc=f"{stage}: Diffusion-DPO", leave=False):
+        metrics = []
+        for _ in range(accumulate):
+            batch = next(batches)
+            b = len(batch)
+            # 20% empty prompts keep classifier-free guidance alive (Diffusion-DPO official)
+            prompts = ["" if torch.rand(1, generator=generator) < args.cfg_dropout else p["prompt"]
+                       for p in batch]
+            images = torch.stack([load_image(p[key], args.resolution)
+                                  for key in ("chosen", "rejected") for p in batch])  # (2B, 3, R, R)
+            x0 = encode_images(vae, images.to(device))              # (2B, C, h, w): winners, losers
+            cond = map_cond(lambda v: torch.cat([v, v]),
+                            encode_text(pipe, prompts, args.resolution))           # (2B, L, D)
+            # Eq. DPO: winner and loser share the same t and the same eps
+            noise = torch.randn((b, *x0.shape[1:]), generator=generator).to(device).repeat(2, 1, 1, 1)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (b,),
+                              generator=generator).to(device).repeat(2)           # (2B,)
+            err_theta = denoising_error(unet, scheduler, x0, noise, t, cond)      # (2B,)
+            with torch.no_grad():
+                err_ref = denoising_error(ref_unet, scheduler, x0, noise, t, cond)
+            loss, inside = dpo_loss(*err_theta.chunk(2), *err_ref.chunk(2), args.beta)
+            (loss / accumulate).backward()
+            # TRL's names: rewards/chosen = -(beta/2)(err_theta_w - err_ref_w), one draw of Eq. 8
+            r_w, r_l = (-(args.beta / 2) * (err_theta - err_ref).detach()).chunk(2)
+            metrics.append({"loss": loss.item(), "implicit_acc": (inside > 0).float().mean().item(),
+                            "rewards/chosen": r_w.mean().item(), "rewards/rejected": r_l.mean().item(),
+                            "rewards/margins": inside.detach().mean().item()})
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)  # Diffusion-DPO official: clip at 1
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        record = {name: sum(m[name] for m in metrics) / len(metrics) for name in metrics[0]}
+        log({"stage": stage, "step": step + 1, **record})
+        history.append(record)
+    unet.eval().requires_grad_(False)
+    return {name: sum(h[name] for h in history) / len(history) for name in history[0]}
+
+
+def make_optimizer(params, args):
+    """Diffusion-DPO official: AdamW, weight decay 1e-2 (the paper: Adafactor for SDXL)."""
+    if args.optimizer == "adafactor":  # transformers' Adafactor at a fixed lr, as SDXL DPO used
+        return transformers.optimization.Adafactor(params, lr=args.lr, weight_decay=1e-2,
+                                                   scale_parameter=False, relative_step=False)
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+
+
+def frozen_copy(unet):
+    """A frozen reference model: no gradients, never trained (Eq. DPO's ref)."""
+    return copy.deepcopy(unet).eval().requires_grad_(False)
+
+
+# =================================================================================================
+# 10. The SAIL loop                                                                (ALGORITHM)
+# =================================================================================================
+
+def evaluate(pipe, args, folder, eval_prompts):
+    """Sample the fixed evaluation prompts with fixed seeds, save a grid; score them in the tiny
+    world with the hidden annotator (never seen by SAIL)."""
+    generator = torch.Generator().manual_seed(args.seed + 1)  # the same noise at every stage
+    latents = generate(pipe, eval_prompts, TINY_EVAL_SEEDS, args, generator)
+    images = decode_latents(pipe.vae, latents)                 # (E*S, 3, H, W)
+    save_grid(images, TINY_EVAL_SEEDS, folder / "grid.png")
+    if not args.tiny:
+        return {}
+    prompts = [p for p in eval_prompts for _ in range(TINY_EVAL_SEEDS)]
+    score = annotator_score(images, prompts)
+    seen = torch.tensor([p in TINY_SEEN for p in prompts])
+    return {"annotator": score.mean().item(), "annotator/seen": score[seen].mean().item(),
+            "annotator/unseen": score[~seen].mean().item(),
+            "fidelity": fidelity(images, prompts).float().mean().item()}
+
+
+def save_grid(images, seeds, path, tile=64):
+    """Images (P*S, 3, H, W), prompt-major -> one PNG: a column per prompt, a row per seed."""
+    images = F.interpolate(images, size=(tile, tile), mode="nearest" if images.shape[-1] < tile
+                           else "bilinear")                                      # (P*S, 3, t, t)
+    prompts = images.shape[0] // seeds
+    grid = images.view(prompts, seeds, 3, tile, tile).permute(2, 1, 3, 0, 4)     # (3, S, t, P, t)
+    save_image(grid.reshape(3, seeds * tile, prompts * tile), path)
+
+
+def self_label_accuracy(pairs):
+    """Tiny world: how often the hidden annotator agrees with the self-label (winner scores higher)."""
+    if not pairs:
+        return float("nan")
+    prompts = [p["prompt"] for p in pairs]
+    chosen = torch.stack([load_image(p["chosen"], TINY_SIZE) for p in pairs]) / 2 + 0.5
+    rejected = torch.stack([load_image(p["rejected"], TINY_SIZE) for p in pairs]) / 2 + 0.5
+    return (annotator_score(chosen, prompts) > annotator_score(rejected, prompts)).float().mean().item()
+
+
+def sail(args, pipe, seed_pairs, prompts, out, log):
+    """Step 0 and `args.iters` SAIL iterations; writes every stage under `out`."""
+    rng = random.Random(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    set_sampler(pipe, args)
+    eval_prompts = TINY_PROMPTS if args.tiny else prompts[:4]
+    base_unet = frozen_copy(pipe.unet)
+
+    def finish_stage(name, started, summary):
+        folder = out / name
+        folder.mkdir(exist_ok=True)
+        if name != "base":
+            pipe.unet.save_pretrained(folder / "unet")  # loads with UNet2DConditionModel.from_pretrained
+        summary.update(evaluate(pipe, args, folder, eval_prompts))
+        summary["seconds"] = round(time.time() - started, 1)
+        log({"stage": name, "event": "summary", **summary})
+        print(" | ".join([name] + [f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                   for k, v in summary.items()]), flush=True)
+
+    finish_stage("base", time.time(), {})
+
+    # Step 0: Diffusion-DPO on the human seed pairs, init = ref = base
+    started = time.time()
+    summary = diffusion_dpo(pipe, base_unet, seed_pairs, args, "iter_0", log, generator)
+    finish_stage("iter_0", started, {"pairs": len(seed_pairs), **summary})
+
+    prev_ref = base_unet  # the DPO reference of the round just finished
+    per_iter = args.prompts_per_iter or len(prompts) // max(args.iters, 1)
+    for i in range(1, args.iters + 1):
+        started = time.time()
+        folder = out / f"iter_{i}"
+        (folder / "pairs").mkdir(parents=True)
+        # Eq. 8's reference: the base model (default) or the last round's DPO reference (SPEC 2c)
+        judge_ref = base_unet if args.reward_ref == "base" else prev_ref
+        new_prompts = prompts[(i - 1) * per_iter:i * per_iter]  # fresh, disjoint from earlier ones
+        self_pairs, ties = self_label(pipe, judge_ref, new_prompts, args, folder, generator)
+        (folder / "pairs.json").write_text(json.dumps(
+            [{**p, "chosen": os.path.relpath(p["chosen"], folder),
+              "rejected": os.path.relpath(p["rejected"], folder)} for p in self_pairs], indent=1))
+        mixed = ranked_mixup(self_pairs, seed_pairs, args.mix_alpha, rng, args.keep_top)
+        n_self = sum(1 for p in mixed if "confidence" in p)
+        if not mixed:
+            raise RuntimeError(f"iteration {i}: every prompt tied, no pairs to train on")
+        if len(mixed) - n_self > len(seed_pairs):
+            print(f"note: iteration {i} needs {len(mixed) - n_self} seed pairs but there are "
+                  f"{len(seed_pairs)}: drawing them with replacement", flush=True)
+        # Iteration i: Diffusion-DPO from the current model, the current model as reference
+        ref_unet = frozen_copy(pipe.unet)
+        summary = diffusion_dpo(pipe, ref_unet, mixed, args, f"iter_{i}", log, generator)
+        extra = {"self_label_acc": self_label_accuracy(self_pairs)} if args.tiny else {}
+        finish_stage(f"iter_{i}", started, {"self_pairs": n_self, "seed_pairs": len(mixed) - n_self,
+                                            "ties": ties, **summary, **extra})
+        prev_ref = ref_unet
+
+
+# =================================================================================================
+# 11. Main                                                                       (plumbing)
+# =================================================================================================
+
+def prepare(args):
+    """Every check that can fail on user input, before anything is written."""
+    seed_pairs = read_seed_pairs(args.seed_pairs)
+    prompts = read_prompts(args.prompts)
+    if args.tiny:
+        for name, items in ((args.seed_pairs, [p["prompt"] for p in seed_pairs]),
+                            (args.prompts, prompts)):
+            for i, prompt in enumerate(items):
+                if parse_tiny_prompt(prompt) is None:
+                    raise InputError(f"{name}: entry {i}: {prompt!r} is not a tiny-world prompt "
+                                     f"('a <colour> <shape>', colours {', '.join(TINY_COLOURS)}; "
+                                     f"shapes {', '.join(TINY_SHAPES)})")
+    needed = args.iters * (args.prompts_per_iter or 1)
+    if len(prompts) < needed:
+        raise InputError(f"{args.prompts}: {len(prompts)} prompts, but {args.iters} iterations x "
+                         f"{args.prompts_per_iter or 1} prompts need {needed}")
+    out = Path(args.out or f"runs/{'tiny' if args.tiny else 'sd'}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"--out {out}: already exists and is not empty; choose a new folder")
+    return seed_pairs, prompts, out
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    started = time.time()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        args = parse_args(argv)
+        # The first line says which world this run is in, and why.
+        if args.tiny:
+            why = "--tiny" if "--tiny" in argv else "no GPU found; pass --model to force a real model"
+            print(f"sail: embedded tiny world ({why}): 16x16 shapes, simulated annotator, {device}")
+        else:
+            print(f"sail: {args.model} on {device}")
+        if args.make_seed_pairs:
+            make_tiny_seed_pairs(args.seed_pairs, args.seed)
+            return 0
+        seed_pairs, prompts, out = prepare(args)
+        model = tiny_base_model(args.pretrain_steps) if args.tiny else args.model
+        pipe = load_pipeline(model, device)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.tiny:
+        shutil.copytree(model, out / "tiny_base")  # the run folder is self-contained
+    config = {**asdict(args), "model_path": str(out / "tiny_base") if args.tiny else args.model,
+              "device": str(device), "torch": torch.__version__, "diffusers": diffusers.__version__,
+              "transformers": transformers.__version__}
+    (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    print(f"writing to {out}; reward reference: {args.reward_ref}; lr {args.lr:.3g}; "
+          f"N={args.n_candidates} K={args.k_draws} beta={args.beta:g} alpha={args.mix_alpha:g}",
+          flush=True)
+    with open(out / "metrics.jsonl", "a") as metrics_file:
+        def log(record):
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+        sail(args, pipe, seed_pairs, prompts, out, log)
+    print(f"done in {time.time() - started:.0f} s: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

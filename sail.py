@@ -116,8 +116,9 @@ class Args:
                 "mixup)"})
     keep_top: float = field(default=1.0, metadata={
         "help": "keep this top fraction of self-labelled pairs, ranked by confidence (our choice)"})
-    pairs: Literal["best-worst", "random"] = field(default="best-worst", metadata={
-        "help": "which candidates form a pair (paper: best-worst; random is its ablation)"})
+    pairs: Literal["best-worst", "random", "none"] = field(default="best-worst", metadata={
+        "help": "which candidates form a pair (paper: best-worst; random is its ablation; none is "
+                "the control 'iterative seed-only DPO': no self-labelling, seed pairs each round)"})
     reward_ref: Literal["base", "prev"] = field(default="base", metadata={
         "help": "reference of the implicit reward: the base model, or the previous round's DPO "
                 "reference (our choice, SPEC 2c)"})
@@ -147,6 +148,9 @@ class Args:
     # --- tiny world
     pretrain_steps: int = field(default=400, metadata={
         "help": "tiny world only: UNet pretraining steps of the tiny base model (cached)"})
+    oracle_labels: bool = field(default=False, metadata={
+        "help": "tiny world only, a control: the hidden annotator re-labels each self-labelled "
+                "pair ('all-labels DPO', the paper's full-human-data reference)"})
     make_seed_pairs: bool = field(default=False, metadata={
         "help": "tiny world only: write the tiny world's seed pairs to --seed-pairs and exit"})
 
@@ -212,6 +216,7 @@ def parse_args(argv):
         (args.sample_steps >= 1, "--sample-steps must be >= 1"),
         (args.generation_batch >= 1 and args.reward_batch >= 1, "batch sizes must be >= 1"),
         (args.pretrain_steps >= 1, "--pretrain-steps must be >= 1"),
+        (args.tiny or not args.oracle_labels, "--oracle-labels needs the tiny world's annotator"),
     ]
     for ok, message in checks:
         if not ok:
@@ -486,6 +491,20 @@ def tiny_base_model(pretrain_steps, seed=0):
         print(f"tiny world: pretrained the base model in {time.time() - started:.0f} s, "
               f"cached in {folder}")
     return str(folder)
+
+
+def annotator_agrees(pairs):
+    """(P,) bool: does the hidden annotator prefer each pair's chosen image to its rejected one?"""
+    prompts = [p["prompt"] for p in pairs]
+    chosen, rejected = (torch.stack([load_image(p[key], TINY_SIZE) for p in pairs]) / 2 + 0.5
+                        for key in ("chosen", "rejected"))                      # (P, 3, 16, 16)
+    return annotator_score(chosen, prompts) > annotator_score(rejected, prompts)
+
+
+def annotator_relabel(pairs):
+    """The all-labels control: the same pairs, ordered by the hidden annotator instead of Eq. 8."""
+    return [pair if agrees else {**pair, "chosen": pair["rejected"], "rejected": pair["chosen"]}
+            for pair, agrees in zip(pairs, annotator_agrees(pairs).tolist())]
 
 
 def make_tiny_seed_pairs(path, seed):
@@ -880,16 +899,6 @@ def save_grid(images, seeds, path, tile=64):
     save_image(grid.reshape(3, seeds * tile, prompts * tile), path)
 
 
-def self_label_accuracy(pairs):
-    """Tiny world: how often the hidden annotator agrees with the self-label (winner scores higher)."""
-    if not pairs:
-        return float("nan")
-    prompts = [p["prompt"] for p in pairs]
-    chosen = torch.stack([load_image(p["chosen"], TINY_SIZE) for p in pairs]) / 2 + 0.5
-    rejected = torch.stack([load_image(p["rejected"], TINY_SIZE) for p in pairs]) / 2 + 0.5
-    return (annotator_score(chosen, prompts) > annotator_score(rejected, prompts)).float().mean().item()
-
-
 def sail(args, pipe, seed_pairs, prompts, out, log):
     """Step 0 and `args.iters` SAIL iterations; writes every stage under `out`."""
     rng = random.Random(args.seed)
@@ -925,21 +934,27 @@ def sail(args, pipe, seed_pairs, prompts, out, log):
         # Eq. 8's reference: the base model (default) or the last round's DPO reference (SPEC 2c)
         judge_ref = base_unet if args.reward_ref == "base" else prev_ref
         new_prompts = prompts[(i - 1) * per_iter:i * per_iter]  # fresh, disjoint from earlier ones
-        self_pairs, ties = self_label(pipe, judge_ref, new_prompts, args, folder, generator)
+        self_pairs, ties, extra = [], 0, {}
+        if args.pairs != "none":  # "none": the iterative seed-only DPO control, seed pairs only
+            self_pairs, ties = self_label(pipe, judge_ref, new_prompts, args, folder, generator)
+            if args.tiny and self_pairs:  # hidden from SAIL: does the annotator agree?
+                extra["self_label_acc"] = annotator_agrees(self_pairs).float().mean().item()
+            if args.oracle_labels:
+                self_pairs = annotator_relabel(self_pairs)
         (folder / "pairs.json").write_text(json.dumps(
             [{**p, "chosen": os.path.relpath(p["chosen"], folder),
               "rejected": os.path.relpath(p["rejected"], folder)} for p in self_pairs], indent=1))
-        mixed = ranked_mixup(self_pairs, seed_pairs, args.mix_alpha, rng, args.keep_top)
+        mixed = (ranked_mixup(self_pairs, seed_pairs, args.mix_alpha, rng, args.keep_top)
+                 if self_pairs else list(seed_pairs))
         n_self = sum(1 for p in mixed if "confidence" in p)
-        if not mixed:
-            raise RuntimeError(f"iteration {i}: every prompt tied, no pairs to train on")
+        if args.pairs != "none" and not self_pairs:
+            print(f"note: iteration {i}: every prompt tied; training on the seed pairs only")
         if len(mixed) - n_self > len(seed_pairs):
             print(f"note: iteration {i} needs {len(mixed) - n_self} seed pairs but there are "
                   f"{len(seed_pairs)}: drawing them with replacement", flush=True)
         # Iteration i: Diffusion-DPO from the current model, the current model as reference
         ref_unet = frozen_copy(pipe.unet)
         summary = diffusion_dpo(pipe, ref_unet, mixed, args, f"iter_{i}", log, generator)
-        extra = {"self_label_acc": self_label_accuracy(self_pairs)} if args.tiny else {}
         finish_stage(f"iter_{i}", started, {"self_pairs": n_self, "seed_pairs": len(mixed) - n_self,
                                             "ties": ties, **summary, **extra})
         prev_ref = ref_unet

@@ -5,6 +5,7 @@ Equation numbers are SPEC.md's, as in sail.py.
 """
 
 import copy
+import csv
 import json
 import math
 import os
@@ -616,3 +617,87 @@ def test_unsupported_pipeline_class_is_named(tmp_path, capsys, tiny_base):
     code = sail.main(["--model", str(model), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "StableDiffusionImg2ImgPipeline is not supported" in err
+
+
+# -------------------------------------------------------------------------------------------------
+# The controls of the evidence study, the study itself and the benchmark, at their quick sizes
+# -------------------------------------------------------------------------------------------------
+
+def test_annotator_relabel_orders_each_pair_by_the_hidden_annotator():
+    pairs = sail.read_seed_pairs(HERE / "seed_pairs.json")[:6]
+    swapped = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} if i % 2 else p
+               for i, p in enumerate(pairs)]
+    assert sail.annotator_agrees(swapped).tolist() == [True, False] * 3
+    assert sail.annotator_relabel(swapped) == pairs
+
+
+def test_oracle_labels_need_the_tiny_world(tmp_path, tiny_base, capsys):
+    model = tmp_path / "m"
+    shutil.copytree(tiny_base, model)
+    code = sail.main(["--model", str(model), "--oracle-labels", "--out", str(tmp_path / "o")])
+    assert code == 2 and "--oracle-labels needs the tiny world" in capsys.readouterr().err
+
+
+def test_evidence_study_quick_size_writes_its_tables_and_plot(tmp_path, tiny_base):
+    import evidence
+    out = tmp_path / "evidence"
+    code = evidence.main(["--quick", "--seeds", "2", "--out", str(out), "--pretrain-steps",
+                          str(PRETRAIN_STEPS), "--conditions", "sail,iterative-seed-dpo,all-labels-dpo"])
+    assert code == 0
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0])[:4] == ["kind", "name", "annotator", "annotator std"]
+    assert [r["name"] for r in rows if r["kind"] == "condition"] == [
+        "base", "sail", "iterative-seed-dpo", "all-labels-dpo"]
+    claims = [r for r in rows if r["kind"].startswith("claim:")]
+    assert [r["kind"] for r in claims] == ["claim:base", "claim:iterative-seed-dpo",
+                                           "claim:all-labels-dpo"]
+    assert all(r["verdict"] in ("held", "did not hold", "inside the noise") for r in claims)
+    assert "| condition | annotator | seen | unseen | fidelity | self-label acc |" in (
+        out / "results.md").read_text()
+    assert (out / "trajectory.png").stat().st_size > 0
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert runs == [f"{c}-seed{s}" for c in ("all-labels-dpo", "iterative-seed-dpo", "sail")
+                    for s in (0, 1)]
+
+
+def test_evidence_verdict_rule():
+    import evidence
+    assert evidence.verdict([3.0, 2.5, 3.5]) == "held"
+    assert evidence.verdict([-3.0, -2.5, -3.5]) == "did not hold"
+    assert evidence.verdict([3.0, -2.5, 0.5]) == "inside the noise"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--conditions", "sail,magic"], "unknown condition(s) magic"),
+    (["--seeds", "0"], "--seeds must be >= 1"),
+])
+def test_evidence_bad_input(tmp_path, capsys, argv, message):
+    import evidence
+    code = evidence.main([*argv, "--out", str(tmp_path / "e")])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
+def test_evidence_refuses_an_existing_output_folder(earlier_run, capsys):
+    import evidence
+    assert evidence.main(["--out", str(earlier_run)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert sorted(p.name for p in earlier_run.iterdir()) == ["metrics.jsonl"]
+
+
+def test_benchmark_quick_size_writes_its_tables_and_plot(tmp_path, tiny_base):
+    import bench
+    out = tmp_path / "bench"
+    assert bench.main(["--quick", "--out", str(out), "--pretrain-steps", str(PRETRAIN_STEPS)]) == 0
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["measure", "setting", "value", "seconds", "per_second", "unit",
+                             "peak_mb"]
+    measures = {r["measure"] for r in rows}
+    assert {"stage: generation", "stage: ranking", "stage: DPO", "reward: batched", "reward: loop",
+            "dpo: concatenated", "dpo: separate"} <= measures
+    assert all(float(r["seconds"]) > 0 for r in rows)
+    text = (out / "results.md").read_text()
+    assert "Batched implicit reward vs loop" in text and "concatenated vs separate" in text
+    assert (out / "scaling.png").stat().st_size > 0

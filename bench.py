@@ -1,0 +1,275 @@
+"""Benchmark: where one SAIL iteration's time and memory go, and how each stage scales.
+
+A SAIL iteration is generation (N images per prompt, `steps` denoising passes each, twice for
+CFG) + ranking (N x K noisy latents through two UNets, Eq. 8) + Diffusion-DPO training (per pair:
+theta forward + backward on winner and loser, ref forward on both). This measures each, in one run:
+
+    python bench.py               # the tiny world on CPU (a few minutes on 2 cores)
+    python bench.py --quick       # the smallest size (the test suite runs it)
+
+Every figure is the median of several repeats after a warm-up. Peak memory is the process's peak
+resident set (VmHWM, reset before each measurement) on CPU, torch.cuda.max_memory_allocated on a
+GPU. Writes <out>/results.md, results.csv and scaling.png (needs matplotlib).
+"""
+
+import argparse
+import copy
+import csv
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+
+import sail  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------------
+# Measuring
+# ------------------------------------------------------------------------------------------------
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    elif Path("/proc/self/clear_refs").exists():
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(fn, repeats, device):
+    """Median seconds of fn() over `repeats` runs after one warm-up, and the peak memory in MB."""
+    fn()
+    reset_peak_memory(device)
+    seconds = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds), peak_memory_mb(device), result
+
+
+# ------------------------------------------------------------------------------------------------
+# The pieces of one iteration, each a function of its size
+# ------------------------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, pipe, args, seed_pairs):
+        self.pipe, self.args, self.seed_pairs = pipe, args, seed_pairs
+        self.device = pipe.device
+        self.scheduler = sail.DDPMScheduler.from_config(pipe.scheduler.config)
+        self.ref = sail.frozen_copy(pipe.unet)
+        self.theta = sail.frozen_copy(pipe.unet)  # a different "theta" would cost the same
+        self.cond = sail.encode_text(pipe, ["a red circle"], args.resolution)  # (1, L, D)
+
+    def generation(self, n_prompts, n):
+        generator = torch.Generator().manual_seed(0)
+        return lambda: sail.generate(self.pipe, ["a red circle"] * n_prompts, n, self.args,
+                                     generator)
+
+    def latents(self, n, size=None, seed=0):
+        size = size or self.args.resolution // self.pipe.vae_scale_factor
+        return torch.randn((n, 4, size, size), generator=torch.Generator().manual_seed(seed)).to(
+            self.device)
+
+    def ranking(self, n, k, batched=True):
+        """Eq. 8 for one prompt's n candidates: batched as in sail.py, or a plain double loop."""
+        x = self.latents(n)
+        if batched:
+            return lambda: sail.implicit_reward(self.theta, self.ref, x, self.cond, self.scheduler,
+                                                self.args.beta, k, torch.Generator().manual_seed(1))
+        return lambda: self.ranking_loop(x, k)
+
+    def ranking_loop(self, x, k):
+        """The same numbers as implicit_reward, one candidate and one draw at a time."""
+        generator = torch.Generator().manual_seed(1)  # the same K draws in the same order
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (k,), generator=generator)
+        noise = torch.randn((k, *x.shape[1:]), generator=generator).to(self.device)
+        rewards = []
+        with torch.no_grad():
+            for n in range(x.shape[0]):
+                diffs = [sail.denoising_error(self.theta, self.scheduler, x[n:n + 1],
+                                              noise[j:j + 1], t[j:j + 1].to(self.device), self.cond)
+                         - sail.denoising_error(self.ref, self.scheduler, x[n:n + 1],
+                                                noise[j:j + 1], t[j:j + 1].to(self.device),
+                                                self.cond)
+                         for j in range(k)]
+                rewards.append(-(self.args.beta / 2) * torch.cat(diffs).mean())
+        return torch.stack(rewards)
+
+    def dpo_step(self, batch, size=None, concatenated=True):
+        """One Diffusion-DPO forward + backward on `batch` pairs of latents (no optimizer step)."""
+        unet = copy.deepcopy(self.pipe.unet).train().requires_grad_(True)
+        x_w, x_l = self.latents(batch, size, seed=0), self.latents(batch, size, seed=1)
+        noise = torch.randn_like(x_w)
+        t = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(2)).to(
+            self.device)
+        cond = sail.map_cond(lambda v: v.expand(batch, *v.shape[1:]), self.cond)
+        twice = lambda v: torch.cat([v, v])  # noqa: E731
+
+        def error(model, x0, noise, t, cond):
+            return sail.denoising_error(model, self.scheduler, x0, noise, t, cond)
+
+        def step():
+            unet.zero_grad(set_to_none=True)
+            if concatenated:  # sail.py: one forward per model on (winners, losers)
+                shared = (twice(noise), twice(t), sail.map_cond(twice, cond))
+                err_theta = error(unet, torch.cat([x_w, x_l]), *shared).chunk(2)
+                with torch.no_grad():
+                    err_ref = error(self.ref, torch.cat([x_w, x_l]), *shared).chunk(2)
+            else:  # separate forwards for winners and losers
+                err_theta = [error(unet, x, noise, t, cond) for x in (x_w, x_l)]
+                with torch.no_grad():
+                    err_ref = [error(self.ref, x, noise, t, cond) for x in (x_w, x_l)]
+            loss, _ = sail.dpo_loss(*err_theta, *err_ref, self.args.beta)
+            loss.backward()
+            return loss.detach()
+        return step
+
+    def dpo_stage(self, steps):
+        """sail.py's own diffusion_dpo for `steps` optimizer steps (image loading, VAE included)."""
+        pipe = copy.deepcopy(self.pipe)
+        args = copy.copy(self.args)
+        args.dpo_steps = steps
+        return lambda: sail.diffusion_dpo(pipe, self.ref, self.seed_pairs, args, "bench",
+                                          lambda record: None, torch.Generator().manual_seed(0))
+
+
+# ------------------------------------------------------------------------------------------------
+# The benchmark
+# ------------------------------------------------------------------------------------------------
+
+def run(bench, quick, rows):
+    args, device = bench.args, bench.device
+    repeats = 2 if quick else 5
+    prompts = 2 if quick else args.prompts_per_iter
+    n, k = (2, 2) if quick else (args.n_candidates, args.k_draws)
+
+    def record(measure_name, setting, value, units, unit_name, fn, reps=repeats):
+        seconds, memory, result = measure(fn, reps, device)
+        rows.append({"measure": measure_name, "setting": setting, "value": value,
+                     "seconds": seconds, "per_second": units / seconds, "unit": unit_name,
+                     "peak_mb": memory})
+        print(f"{measure_name:<22} {setting:<10} {value!s:<6} {seconds * 1000:9.1f} ms  "
+              f"{units / seconds:9.1f} {unit_name}/s  peak {memory:7.0f} MB", flush=True)
+        return result
+
+    # 1. One iteration's stages at the run's own settings
+    record("stage: generation", "prompts", prompts, prompts * n, "images",
+           bench.generation(prompts, n))
+    record("stage: ranking", "prompts", prompts, prompts * n, "images",
+           lambda: [bench.ranking(n, k)() for _ in range(prompts)])
+    steps = 2 if quick else 5
+    record("stage: DPO", "steps", steps, steps * args.effective_batch, "pairs",
+           bench.dpo_stage(steps), reps=1 if quick else 3)
+
+    # 2. Batched implicit reward vs a loop over candidates and draws: same numbers, the ratio
+    batched = record("reward: batched", "N x K", f"{n}x{k}", n, "images", bench.ranking(n, k))
+    looped = record("reward: loop", "N x K", f"{n}x{k}", n, "images", bench.ranking(n, k, False))
+    torch.testing.assert_close(batched, looped, rtol=1e-3, atol=1e-3)
+
+    # 3. DPO: one forward per model on the concatenated batch vs separate forwards
+    batch = 4 if quick else args.micro_batch
+    together = record("dpo: concatenated", "batch", batch, batch, "pairs", bench.dpo_step(batch))
+    apart = record("dpo: separate", "batch", batch, batch, "pairs",
+                   bench.dpo_step(batch, concatenated=False))
+    torch.testing.assert_close(together, apart, rtol=1e-4, atol=1e-5)
+
+    # 4. Scaling with N, K, latent size and batch
+    for value in ((2, 4) if quick else (2, 4, 8, 16)):
+        record("scaling: generation", "N", value, value, "images", bench.generation(1, value))
+        record("scaling: ranking", "N", value, value, "images", bench.ranking(value, k))
+    for value in ((1, 2) if quick else (1, 5, 10, 20)):
+        record("scaling: ranking", "K", value, n, "images", bench.ranking(n, value))
+    for value in ((8,) if quick else (8, 16, 32)):
+        record("scaling: dpo", "latent", value, batch, "pairs", bench.dpo_step(batch, value))
+    for value in ((2, 4) if quick else (4, 8, 16, 32)):
+        record("scaling: dpo", "batch", value, value, "pairs", bench.dpo_step(value))
+
+
+def ratio(rows, slow, fast):
+    seconds = {r["measure"]: r["seconds"] for r in rows}
+    return seconds[slow] / seconds[fast]
+
+
+def write(out, rows, device, args):
+    machine = (torch.cuda.get_device_name() if device.type == "cuda"
+               else f"CPU, {torch.get_num_threads()} threads")
+    lines = [f"Machine: {machine}; torch {torch.__version__}; tiny world, N={args.n_candidates}, "
+             f"K={args.k_draws}, {args.sample_steps} sampling steps. Median of repeats after a "
+             "warm-up.", "",
+             "| measure | setting | value | ms | per second | peak MB |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['measure']} | {r['setting']} | {r['value']} | {r['seconds'] * 1000:.1f}"
+                     f" | {r['per_second']:.1f} {r['unit']} | {r['peak_mb']:.0f} |")
+    lines += ["", f"Batched implicit reward vs loop: {ratio(rows, 'reward: loop', 'reward: batched'):.1f}x "
+              "faster (same rewards).",
+              f"DPO step, concatenated vs separate forwards: "
+              f"{ratio(rows, 'dpo: separate', 'dpo: concatenated'):.2f}x faster (same loss)."]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    with open(out / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("scaling.png skipped: matplotlib is not installed (pip install matplotlib)")
+        return
+    panels = [("scaling: generation", "N"), ("scaling: ranking", "N"), ("scaling: ranking", "K"),
+              ("scaling: dpo", "latent"), ("scaling: dpo", "batch")]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    for axis, (measure_name, setting) in zip(axes, panels):
+        points = [r for r in rows if r["measure"] == measure_name and r["setting"] == setting]
+        axis.plot([r["value"] for r in points], [r["seconds"] * 1000 for r in points], marker="o")
+        axis.set_title(f"{measure_name.split(': ')[1]} vs {setting}")
+        axis.set_xlabel(setting)
+        axis.set_ylabel("ms")
+    figure.suptitle(f"sail.py cost scaling ({machine})")
+    figure.tight_layout()
+    figure.savefig(out / "scaling.png", dpi=100)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="bench", help="output folder; must not exist")
+    parser.add_argument("--quick", action="store_true", help="the smallest size, for tests")
+    parser.add_argument("--pretrain-steps", type=int, default=sail.Args.pretrain_steps,
+                        help="tiny base pretraining steps (cached)")
+    options = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    out = Path(options.out)
+    if out.exists():
+        print(f"error: --out {out}: already exists; choose a new folder", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args = sail.Args(tiny=True, **sail.TINY_PRESET)
+    pipe = sail.load_pipeline(sail.tiny_base_model(options.pretrain_steps), device)
+    sail.set_sampler(pipe, args)
+    bench = Bench(pipe, args, sail.read_seed_pairs(Path(__file__).parent / "seed_pairs.json"))
+    rows = []
+    run(bench, options.quick, rows)
+    out.mkdir(parents=True)
+    write(out, rows, device, args)
+    print((out / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Evidence: which of SAIL's claims hold in the tiny world? Every control, several seeds.
+
+In the tiny world the simulated annotator is a hidden ground truth, so each claim of the paper
+can be tested cheaply and honestly (SPEC section 6). Every condition runs `sail.py` itself with a
+few flags, over the same seeds:
+
+    base                   the pretrained model, no training (each run's "base" stage)
+    single-round-seed-dpo  Diffusion-DPO on the seed pairs, ref = base, as many steps as SAIL
+    iterative-seed-dpo     same rounds and steps as SAIL, reference refreshed each round, seed
+                           pairs only: isolates self-labelling from reference refresh
+    sail                   SAIL, 4 iterations (past the paper's 3, where it saw a drop)
+    sail-no-mixup          SAIL with alpha = 1
+    sail-random-pairs      SAIL with random instead of best-worst pairs
+    sail-reward-ref-prev   SAIL with --reward-ref prev instead of base
+    all-labels-dpo         SAIL's procedure, each self-labelled pair re-labelled by the annotator
+
+Run:
+    python evidence.py                      # the study: 3 seeds, about 15 minutes on 2 CPU cores
+    python evidence.py --seeds 5 --out ev5  # more seeds
+    python evidence.py --quick              # the smallest size (the test suite runs it)
+
+Writes <out>/results.md and results.csv (per condition: final annotator score on all, seen and
+unseen prompts, fidelity, self-label accuracy, mean +- std over seeds; per claim: paired
+differences per seed and a verdict), trajectory.png (annotator score per round, mean line and
++-1 std band; needs matplotlib) and runs/<condition>-seed<s>/ (each run's config, metrics and
+sample grids; UNet weights are deleted to keep the folder small).
+
+Verdict rule, fixed before any run: with d the per-seed paired differences (SAIL minus control),
+"held" if mean(d) > 2 * std(d) / sqrt(n), "did not hold" if mean(d) < -2 * std(d) / sqrt(n),
+otherwise "inside the noise".
+"""
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # one progress line per run instead of nested bars
+
+import sail  # noqa: E402
+
+def condition_flags(iters, dpo_steps, extra=()):
+    """Each condition's sail.py flags; "base" is read from the runs' base stage instead."""
+    sail_run = ["--iters", str(iters), "--dpo-steps", str(dpo_steps), *extra]
+    return {
+        "single-round-seed-dpo": ["--iters", "0", "--dpo-steps", str(dpo_steps * (iters + 1)),
+                                  *extra],
+        "iterative-seed-dpo": [*sail_run, "--pairs", "none"],
+        "sail": sail_run,
+        "sail-no-mixup": [*sail_run, "--mix-alpha", "1"],
+        "sail-random-pairs": [*sail_run, "--pairs", "random"],
+        "sail-reward-ref-prev": [*sail_run, "--reward-ref", "prev"],
+        "all-labels-dpo": [*sail_run, "--oracle-labels"],
+    }
+
+
+CONDITIONS = condition_flags(4, sail.TINY_PRESET["dpo_steps"])  # SAIL: 4 iterations
+# The quick size: every condition and every line of the study, at toy cost.
+QUICK_CONDITIONS = condition_flags(1, 2, ["--n-candidates", "2", "--k-draws", "1",
+                                          "--prompts-per-iter", "2"])
+CLAIMS = [  # (claim, control): each is tested as SAIL minus control, paired by seed
+    ("SAIL improves on the base model", "base"),
+    ("SAIL beats single-round seed-only DPO with the same steps", "single-round-seed-dpo"),
+    ("self-labelling adds to reference refresh (SAIL vs iterative seed-only DPO)",
+     "iterative-seed-dpo"),
+    ("ranked mixup helps (SAIL vs alpha = 1)", "sail-no-mixup"),
+    ("best-worst pairs beat random pairs", "sail-random-pairs"),
+    ("reward reference base vs prev (no claim in the paper)", "sail-reward-ref-prev"),
+    ("SAIL vs all-labels DPO (expected <= 0: the oracle labels every pair)", "all-labels-dpo"),
+]
+METRICS = ["annotator", "annotator/seen", "annotator/unseen", "fidelity", "self_label_acc"]
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="evidence", help="output folder; must not exist")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per condition")
+    parser.add_argument("--conditions", default=",".join(CONDITIONS),
+                        help="comma-separated subset of: " + ", ".join(CONDITIONS))
+    parser.add_argument("--quick", action="store_true", help="toy size, for the test suite")
+    parser.add_argument("--pretrain-steps", type=int, default=sail.Args.pretrain_steps,
+                        help="tiny base pretraining steps (cached), passed to sail.py")
+    args = parser.parse_args(argv)
+    args.conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
+    unknown = [c for c in args.conditions if c not in CONDITIONS]
+    if unknown:
+        raise sail.InputError(f"--conditions: unknown condition(s) {', '.join(unknown)} "
+                              f"(known: {', '.join(CONDITIONS)})")
+    if args.seeds < 1:
+        raise sail.InputError("--seeds must be >= 1")
+    if Path(args.out).exists():
+        raise sail.InputError(f"--out {args.out}: already exists; choose a new folder")
+    return args
+
+
+def run_condition(name, seed, args, runs):
+    """One sail.py run in this process; returns its per-stage summaries {stage: summary}."""
+    flags = (QUICK_CONDITIONS if args.quick else CONDITIONS)[name]
+    out = runs / f"{name}-seed{seed}"
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        code = sail.main(["--tiny", "--seed", str(seed), "--out", str(out), "--pretrain-steps",
+                          str(args.pretrain_steps), *flags])
+    (out / "log.txt").write_text(log.getvalue())
+    if code != 0:
+        raise RuntimeError(f"{name} seed {seed} failed:\n{log.getvalue()}")
+    for weights in [out / "tiny_base", *out.glob("iter_*/unet")]:
+        shutil.rmtree(weights)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["stage"]: r for r in records if r.get("event") == "summary"}
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def verdict(differences):
+    mean, std = mean_std(differences)
+    margin = 2 * std / math.sqrt(len(differences))
+    if len(differences) < 2:
+        return "one seed: no verdict"
+    return "held" if mean > margin else "did not hold" if mean < -margin else "inside the noise"
+
+
+def last_round(stages):
+    """{"base", "iter_0", ..., "iter_I"} -> I."""
+    return max(int(stage[5:]) for stage in stages if stage != "base")
+
+
+def final(stages):
+    return stages[f"iter_{last_round(stages)}"]
+
+
+def summarise(results, seeds):
+    """results[condition][seed] = {stage: summary} -> table rows and claim rows."""
+    any_condition = next(iter(results))
+    per_condition = {"base": {s: results[any_condition][s]["base"] for s in seeds}}
+    per_condition.update({c: {s: final(results[c][s]) for s in seeds} for c in results})
+    rows = []
+    for condition, by_seed in per_condition.items():
+        row = {"condition": condition}
+        for metric in METRICS:
+            if metric == "self_label_acc":  # mean over the rounds of each run, then over seeds
+                values = [mean_std([st.get(metric) for st in results[condition][s].values()])[0]
+                          for s in seeds] if condition in results else []
+            else:
+                values = [by_seed[s].get(metric) for s in seeds]
+            row[metric], row[metric + " std"] = mean_std(values)
+        rows.append(row)
+    claims = []
+    if "sail" in results:
+        for claim, control in CLAIMS:
+            if control not in per_condition or control == "sail":
+                continue
+            row = {"claim": claim, "control": control}
+            for metric in ("annotator", "annotator/seen", "annotator/unseen", "fidelity"):
+                d = [per_condition["sail"][s][metric] - per_condition[control][s][metric]
+                     for s in seeds]
+                row[metric], row[metric + " std"] = mean_std(d)
+                row[metric + " per seed"] = d
+            row["verdict"] = verdict(row["annotator per seed"])
+            claims.append(row)
+        sail_runs = [results["sail"][s] for s in seeds]
+        last = last_round(sail_runs[0])
+        if last >= 2:  # the paper saw its 4th iteration fall: does the last one still help?
+            last, before = f"iter_{last}", f"iter_{last - 1}"
+            d = [run[last]["annotator"] - run[before]["annotator"] for run in sail_runs]
+            mean, std = mean_std(d)
+            claims.append({"claim": f"SAIL keeps improving at its last iteration ({last} minus "
+                                    f"{before})", "control": before, "annotator": mean,
+                           "annotator std": std, "annotator per seed": d, "verdict": verdict(d)})
+    return rows, claims
+
+
+def write_tables(out, rows, claims, seeds, seconds):
+    fmt = lambda m, s: f"{m:.2f} ± {s:.2f}"  # noqa: E731
+    lines = [f"Tiny world, {len(seeds)} seeds ({', '.join(map(str, seeds))}), "
+             f"{seconds / 60:.1f} min. Final stage of each condition; mean ± std over seeds.", "",
+             "| condition | annotator | seen | unseen | fidelity | self-label acc |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['condition']} | " + " | ".join(fmt(r[m], r[m + ' std'])
+                                                         for m in METRICS) + " |")
+    lines += ["", "Paired differences per seed, SAIL minus control (annotator score, final stage):",
+              "", "| claim | all prompts | seen | unseen | per seed | verdict |",
+              "|---|---|---|---|---|---|"]
+    for c in claims:
+        cells = [fmt(c[m], c[m + " std"]) if m in c else "" for m in
+                 ("annotator", "annotator/seen", "annotator/unseen")]
+        per_seed = ", ".join(f"{d:+.2f}" for d in c["annotator per seed"])
+        lines.append(f"| {c['claim']} | " + " | ".join(cells) + f" | {per_seed} | {c['verdict']} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    with open(out / "results.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["kind", "name", *[f"{m}{s}" for m in METRICS for s in ("", " std")],
+                         "verdict"])
+        for r in rows:
+            writer.writerow(["condition", r["condition"],
+                             *[r[m + s] for m in METRICS for s in ("", " std")], ""])
+        for c in claims:
+            writer.writerow(["claim:" + c["control"], c["claim"],
+                             *[c.get(m + s, "") for m in METRICS for s in ("", " std")],
+                             c["verdict"]])
+
+
+def plot_trajectories(out, results, seeds):
+    """Annotator score per round, mean line and +-1 std band per condition (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("trajectory.png skipped: matplotlib is not installed (pip install matplotlib)")
+        return
+    figure, axis = plt.subplots(figsize=(8, 5))
+    end = max(last_round(runs[seeds[0]]) for runs in results.values())
+    for condition, runs in results.items():
+        stages = ["base", *(f"iter_{i}" for i in range(last_round(runs[seeds[0]]) + 1))]
+        x = list(range(-1, len(stages) - 1))
+        if condition == "single-round-seed-dpo":  # one round with all the steps: plot at the end
+            x = [-1, end]
+        stats = [mean_std([runs[s][stage]["annotator"] for s in seeds]) for stage in stages]
+        mean = [m for m, _ in stats]
+        band = [(m - s, m + s) for m, s in stats]
+        line, = axis.plot(x, mean, marker="o", label=condition)
+        axis.fill_between(x, [b[0] for b in band], [b[1] for b in band], alpha=0.15,
+                          color=line.get_color())
+    axis.set_xlabel("round (-1 = base, 0 = step 0, i = SAIL iteration i)")
+    axis.set_ylabel("hidden annotator score (0-100)")
+    axis.set_title(f"Tiny world: annotator score per round, mean ± std over {len(seeds)} seeds")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "trajectory.png", dpi=110)
+
+
+def main(argv=None):
+    try:
+        args = parse(sys.argv[1:] if argv is None else argv)
+    except sail.InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    runs = out / "runs"
+    runs.mkdir(parents=True)
+    seeds = list(range(args.seeds))
+    started = time.time()
+    results = {c: {} for c in args.conditions}
+    total = len(args.conditions) * len(seeds)
+    for done, (seed, condition) in enumerate(
+            ((s, c) for s in seeds for c in args.conditions), start=1):
+        run_started = time.time()
+        results[condition][seed] = run_condition(condition, seed, args, runs)
+        score = final(results[condition][seed])["annotator"]
+        print(f"[{done}/{total}] {condition} seed {seed}: final annotator {score:.2f} "
+              f"({time.time() - run_started:.0f} s)", flush=True)
+    rows, claims = summarise(results, seeds)
+    write_tables(out, rows, claims, seeds, time.time() - started)
+    plot_trajectories(out, results, seeds)
+    print((out / "results.md").read_text())
+    print(f"done in {(time.time() - started) / 60:.1f} min: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,7 +9,8 @@ theta forward + backward on winner and loser, ref forward on both). This measure
 
 Every figure is the median of several repeats after a warm-up. Peak memory is the process's peak
 resident set (VmHWM, reset before each measurement) on CPU, torch.cuda.max_memory_allocated on a
-GPU. Writes <out>/results.md, results.csv and scaling.png (needs matplotlib).
+GPU. Writes <out> (default runs/bench-<time>): results.md, results.csv and scaling.png (needs
+matplotlib).
 """
 
 import argparse
@@ -249,7 +250,8 @@ def write(out, rows, device, args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="bench", help="output folder; must not exist")
+    parser.add_argument("--out", default=f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}",
+                        help="output folder; must not exist (default: runs/bench-<time>)")
     parser.add_argument("--quick", action="store_true", help="the smallest size, for tests")
     parser.add_argument("--pretrain-steps", type=int, default=sail.Args.pretrain_steps,
                         help="tiny base pretraining steps (cached)")

@@ -19,15 +19,16 @@ Run:
     python evidence.py --seeds 5 --out ev5  # more seeds
     python evidence.py --quick              # the smallest size (the test suite runs it)
 
-Writes <out>/results.md and results.csv (per condition: final annotator score on all, seen and
-unseen prompts, fidelity, self-label accuracy, mean +- std over seeds; per claim: paired
-differences per seed and a verdict), trajectory.png (annotator score per round, mean line and
-+-1 std band; needs matplotlib) and runs/<condition>-seed<s>/ (each run's config, metrics and
-sample grids; UNet weights are deleted to keep the folder small).
+Writes <out> (default runs/evidence-<time>): results.md and results.csv (per condition: final
+annotator score on all, seen and unseen prompts, fidelity, self-label accuracy, mean +- std over
+seeds; per claim: paired differences per seed and a verdict), trajectory.png (annotator score
+per round, mean line and +-1 std band; needs matplotlib) and runs/<condition>-seed<s>/ (each
+run's config, metrics and sample grids; UNet weights are deleted to keep the folder small).
 
-Verdict rule, fixed before any run: with d the per-seed paired differences (SAIL minus control),
-"held" if mean(d) > 2 * std(d) / sqrt(n), "did not hold" if mean(d) < -2 * std(d) / sqrt(n),
-otherwise "inside the noise".
+Verdict rule, fixed before any run: with d the per-seed paired differences (SAIL minus control)
+of the final annotator score, mean(d) is "clearly positive" if it exceeds 2 * std(d) / sqrt(n)
+and "clearly negative" below minus that. A claim "held" if the sign is clearly the one it
+predicts, "did not hold" if clearly the opposite, otherwise it is "inside the noise".
 """
 
 import argparse
@@ -66,22 +67,23 @@ CONDITIONS = condition_flags(4, sail.TINY_PRESET["dpo_steps"])  # SAIL: 4 iterat
 # The quick size: every condition and every line of the study, at toy cost.
 QUICK_CONDITIONS = condition_flags(1, 2, ["--n-candidates", "2", "--k-draws", "1",
                                           "--prompts-per-iter", "2"])
-CLAIMS = [  # (claim, control): each is tested as SAIL minus control, paired by seed
-    ("SAIL improves on the base model", "base"),
-    ("SAIL beats single-round seed-only DPO with the same steps", "single-round-seed-dpo"),
-    ("self-labelling adds to reference refresh (SAIL vs iterative seed-only DPO)",
-     "iterative-seed-dpo"),
-    ("ranked mixup helps (SAIL vs alpha = 1)", "sail-no-mixup"),
-    ("best-worst pairs beat random pairs", "sail-random-pairs"),
-    ("reward reference base vs prev (no claim in the paper)", "sail-reward-ref-prev"),
-    ("SAIL vs all-labels DPO (expected <= 0: the oracle labels every pair)", "all-labels-dpo"),
+CLAIMS = [  # (claim, control, expected sign of SAIL minus control), paired by seed
+    ("SAIL improves on the base model", "base", +1),
+    ("SAIL beats single-round seed-only DPO with the same steps", "single-round-seed-dpo", +1),
+    ("self-labelling adds to reference refresh (SAIL beats iterative seed-only DPO)",
+     "iterative-seed-dpo", +1),
+    ("ranked mixup helps (SAIL beats alpha = 1)", "sail-no-mixup", +1),
+    ("best-worst pairs beat random pairs", "sail-random-pairs", +1),
+    ("reward reference base vs prev (the paper makes no claim)", "sail-reward-ref-prev", 0),
+    ("all-labels DPO beats SAIL (the annotator labels every pair SAIL saw)", "all-labels-dpo", -1),
 ]
 METRICS = ["annotator", "annotator/seen", "annotator/unseen", "fidelity", "self_label_acc"]
 
 
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="evidence", help="output folder; must not exist")
+    parser.add_argument("--out", default=f"runs/evidence-{time.strftime('%Y%m%d-%H%M%S')}",
+                        help="output folder; must not exist (default: runs/evidence-<time>)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per condition")
     parser.add_argument("--conditions", default=",".join(CONDITIONS),
                         help="comma-separated subset of: " + ", ".join(CONDITIONS))
@@ -125,12 +127,16 @@ def mean_std(values):
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def verdict(differences):
-    mean, std = mean_std(differences)
-    margin = 2 * std / math.sqrt(len(differences))
+def verdict(differences, expected=+1):
+    """The rule of the module docstring: the sign of mean(d) if it clears 2 standard errors."""
     if len(differences) < 2:
         return "one seed: no verdict"
-    return "held" if mean > margin else "did not hold" if mean < -margin else "inside the noise"
+    mean, std = mean_std(differences)
+    margin = 2 * std / math.sqrt(len(differences))
+    sign = +1 if mean > margin else -1 if mean < -margin else 0
+    if expected == 0:
+        return {+1: "no claim; SAIL higher", -1: "no claim; SAIL lower", 0: "inside the noise"}[sign]
+    return {expected: "held", -expected: "did not hold", 0: "inside the noise"}[sign]
 
 
 def last_round(stages):
@@ -160,7 +166,7 @@ def summarise(results, seeds):
         rows.append(row)
     claims = []
     if "sail" in results:
-        for claim, control in CLAIMS:
+        for claim, control, expected in CLAIMS:
             if control not in per_condition or control == "sail":
                 continue
             row = {"claim": claim, "control": control}
@@ -169,7 +175,7 @@ def summarise(results, seeds):
                      for s in seeds]
                 row[metric], row[metric + " std"] = mean_std(d)
                 row[metric + " per seed"] = d
-            row["verdict"] = verdict(row["annotator per seed"])
+            row["verdict"] = verdict(row["annotator per seed"], expected)
             claims.append(row)
         sail_runs = [results["sail"][s] for s in seeds]
         last = last_round(sail_runs[0])
@@ -177,14 +183,32 @@ def summarise(results, seeds):
             last, before = f"iter_{last}", f"iter_{last - 1}"
             d = [run[last]["annotator"] - run[before]["annotator"] for run in sail_runs]
             mean, std = mean_std(d)
-            claims.append({"claim": f"SAIL keeps improving at its last iteration ({last} minus "
-                                    f"{before})", "control": before, "annotator": mean,
+            claims.append({"claim": f"SAIL still improves at its last iteration ({last} minus "
+                                    f"{before}; the paper saw its 4th fall)", "control": before,
+                           "annotator": mean,
                            "annotator std": std, "annotator per seed": d, "verdict": verdict(d)})
     return rows, claims
 
 
-def write_tables(out, rows, claims, seeds, seconds):
-    fmt = lambda m, s: f"{m:.2f} ± {s:.2f}"  # noqa: E731
+def per_round_lines(results, seeds, metric):
+    """A markdown table: one row per condition, one column per round, mean ± std over seeds."""
+    if not results:
+        return ["(no condition with self-labelled pairs)"]
+    rounds = max(last_round(runs[seeds[0]]) for runs in results.values())
+    lines = ["| condition | base | " + " | ".join(f"round {i}" for i in range(rounds + 1)) + " |",
+             "|---|" + "---|" * (rounds + 2)]
+    for condition, runs in results.items():
+        cells = []
+        for stage in ["base", *(f"iter_{i}" for i in range(rounds + 1))]:
+            values = [runs[s][stage].get(metric) for s in seeds if stage in runs[s]]
+            mean, std = mean_std(values)
+            cells.append("" if math.isnan(mean) else f"{mean:.2f} ± {std:.2f}")  # no such round
+        lines.append(f"| {condition} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_tables(out, rows, claims, results, seeds, seconds):
+    fmt = lambda m, s: "" if math.isnan(m) else f"{m:.2f} ± {s:.2f}"  # noqa: E731
     lines = [f"Tiny world, {len(seeds)} seeds ({', '.join(map(str, seeds))}), "
              f"{seconds / 60:.1f} min. Final stage of each condition; mean ± std over seeds.", "",
              "| condition | annotator | seen | unseen | fidelity | self-label acc |",
@@ -200,6 +224,12 @@ def write_tables(out, rows, claims, seeds, seconds):
                  ("annotator", "annotator/seen", "annotator/unseen")]
         per_seed = ", ".join(f"{d:+.2f}" for d in c["annotator per seed"])
         lines.append(f"| {c['claim']} | " + " | ".join(cells) + f" | {per_seed} | {c['verdict']} |")
+    lines += ["", "Hidden annotator score per round (round 0 = step 0):", "",
+              *per_round_lines(results, seeds, "annotator"),
+              "", "Self-label accuracy per round (the annotator agrees with the pair SAIL labelled):",
+              "", *per_round_lines({c: r for c, r in results.items()
+                                    if c not in ("single-round-seed-dpo", "iterative-seed-dpo")},
+                                   seeds, "self_label_acc")]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     with open(out / "results.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -265,7 +295,7 @@ def main(argv=None):
         print(f"[{done}/{total}] {condition} seed {seed}: final annotator {score:.2f} "
               f"({time.time() - run_started:.0f} s)", flush=True)
     rows, claims = summarise(results, seeds)
-    write_tables(out, rows, claims, seeds, time.time() - started)
+    write_tables(out, rows, claims, results, seeds, time.time() - started)
     plot_trajectories(out, results, seeds)
     print((out / "results.md").read_text())
     print(f"done in {(time.time() - started) / 60:.1f} min: {out}")

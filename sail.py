@@ -30,7 +30,8 @@ Equation map (numbers as in SPEC.md; each appears again beside the line that com
 Run it:
 
     python sail.py --iters 2              # GPU + Stable Diffusion 1.5; no GPU: the embedded tiny world
-    python sail.py --tiny --iters 2       # the tiny world anywhere (2 CPU cores, about a minute)
+    python sail.py --tiny --iters 2       # the tiny world anywhere (2 CPU cores: ~30 s, plus ~2.5
+                                          # min once to pretrain and cache the tiny base model)
     python sail.py --model ./my-sd15 ...  # any local diffusers folder or hub id
     python sail.py --help                 # every setting with its paper value
 
@@ -97,7 +98,7 @@ class Args:
         "help": "run the embedded tiny world (the default when no GPU is found)"})
     seed_pairs: str = field(default=str(HERE / "seed_pairs.json"), metadata={
         "help": "human seed pairs D_init: JSON list of {prompt, chosen, rejected} (paper: ~50K "
-                "Pick-a-Pic v2 pairs, 6%)"})
+                "Pick-a-Pic v2 pairs, 6 percent)"})
     prompts: str = field(default=str(HERE / "prompts.txt"), metadata={
         "help": "new prompts, one per line; iteration i takes the i-th disjoint slice"})
     out: Optional[str] = field(default=None, metadata={
@@ -175,14 +176,19 @@ SDXL_PRESET = dict(iters=2, resolution=1024, sampler="ddim", sample_steps=20, gu
 PRESETS = {"StableDiffusionPipeline": {}, "StableDiffusionXLPipeline": SDXL_PRESET}
 
 
+def cannot_load(model, error):
+    """Offline, missing folder, not a pipeline: all the same to a user, one line naming --tiny."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return InputError(f"could not load --model {model}: {reason} "
+                      "(no network or weights? run with --tiny for the embedded tiny world)")
+
+
 def pipeline_class(model):
     """The pipeline class a hub id or folder declares (model_index.json), before loading weights."""
     try:
         name = DiffusionPipeline.load_config(model)["_class_name"]
-    except Exception as error:  # offline, missing folder, not a pipeline: all the same to a user
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"could not load --model {model}: {reason} "
-                         "(no network or weights? run with --tiny for the embedded tiny world)")
+    except Exception as error:
+        raise cannot_load(model, error)
     if name not in PRESETS:
         raise InputError(f"--model {model}: pipeline class {name} is not supported "
                          f"(supported: {', '.join(PRESETS)})")
@@ -240,8 +246,7 @@ def load_pipeline(model, device):
         pipe = DiffusionPipeline.from_pretrained(model, safety_checker=None,
                                                  requires_safety_checker=False)
     except Exception as error:
-        raise InputError(f"could not load --model {model}: {str(error).strip().splitlines()[0]} "
-                         "(run with --tiny for the embedded tiny world)")
+        raise cannot_load(model, error)
     pipe.set_progress_bar_config(disable=True)  # we keep one bar per stage ourselves
     pipe.to(device)
     for part in pipe.components.values():  # text encoders, VAE, UNet; training unfreezes the UNet
@@ -926,7 +931,7 @@ def sail(args, pipe, seed_pairs, prompts, out, log):
         summary.update(evaluate(pipe, args, folder, eval_prompts))
         summary["seconds"] = round(time.time() - started, 1)
         log({"stage": name, "event": "summary", **summary})
-        print(" | ".join([name] + [f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+        print(" | ".join([name] + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                    for k, v in summary.items()]), flush=True)
 
     finish_stage("base", time.time(), {})

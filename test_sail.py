@@ -653,6 +653,7 @@ def test_evidence_study_quick_size_writes_its_tables_and_plot(tmp_path, tiny_bas
     assert [r["kind"] for r in claims] == ["claim:base", "claim:iterative-seed-dpo",
                                            "claim:all-labels-dpo"]
     assert all(r["verdict"] in ("held", "did not hold", "inside the noise") for r in claims)
+    assert claims[-1]["name"].startswith("all-labels DPO beats SAIL")
     assert "| condition | annotator | seen | unseen | fidelity | self-label acc |" in (
         out / "results.md").read_text()
     assert (out / "trajectory.png").stat().st_size > 0
@@ -666,6 +667,9 @@ def test_evidence_verdict_rule():
     assert evidence.verdict([3.0, 2.5, 3.5]) == "held"
     assert evidence.verdict([-3.0, -2.5, -3.5]) == "did not hold"
     assert evidence.verdict([3.0, -2.5, 0.5]) == "inside the noise"
+    assert evidence.verdict([-3.0, -2.5, -3.5], expected=-1) == "held"  # a claim that SAIL loses
+    assert evidence.verdict([3.0, 2.5, 3.5], expected=0) == "no claim; SAIL higher"
+    assert evidence.verdict([3.0]) == "one seed: no verdict"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -701,3 +705,14 @@ def test_benchmark_quick_size_writes_its_tables_and_plot(tmp_path, tiny_base):
     text = (out / "results.md").read_text()
     assert "Batched implicit reward vs loop" in text and "concatenated vs separate" in text
     assert (out / "scaling.png").stat().st_size > 0
+
+
+def test_help_lists_every_setting_with_its_paper_value(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sail.main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, paper in (("--n-candidates", "(paper: 8)"), ("--k-draws", "(paper: 10)"),
+                        ("--beta", "(paper: 5000)"), ("--mix-alpha", "(paper: 0.25; 1 = no mixup)"),
+                        ("--effective-batch", "(paper: 128)")):
+        assert flag in text and paper in text

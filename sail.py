@@ -319,7 +319,6 @@ TINY_PROMPTS = [f"a {c} {s}" for c in TINY_COLOURS for s in TINY_SHAPES]
 TINY_SEEN = [f"a {c} {s}" for c in ("red", "green", "blue") for s in ("square", "circle")]
 TINY_SIZE = 16           # pixels; the autoencoder halves it: latents are (4, 8, 8)
 TINY_SEED_PAIRS = 64     # pairs in the shipped seed_pairs.json
-TINY_EVAL_SEEDS = 4      # images per prompt in each evaluation (same noise at every stage)
 TINY_VERSION = "2"       # bump when the world or the tiny configs change: invalidates the cache
 
 
@@ -618,10 +617,15 @@ def load_image(path, resolution):
     return pixels.view(resolution, resolution, 3).permute(2, 0, 1).float() / 127.5 - 1
 
 
+def to_pil(image):
+    """(3, H, W) tensor in [0, 1] -> PIL image."""
+    pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(pixels)
+
+
 def save_image(image, path):
     """(3, H, W) tensor in [0, 1] -> PNG file."""
-    pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    Image.fromarray(pixels).save(path)
+    to_pil(image).save(path)
 
 
 def pair_batches(pairs, batch_size, generator):
@@ -889,16 +893,19 @@ def frozen_copy(unet):
 # 10. The SAIL loop                                                                (ALGORITHM)
 # =================================================================================================
 
+EVAL_SEEDS = 4  # images per evaluation prompt after each stage (the same noise at every stage)
+
+
 def evaluate(pipe, args, folder, eval_prompts):
     """Sample the fixed evaluation prompts with fixed seeds, save a grid; score them in the tiny
     world with the hidden annotator (never seen by SAIL)."""
     generator = torch.Generator().manual_seed(args.seed + 1)  # the same noise at every stage
-    latents = generate(pipe, eval_prompts, TINY_EVAL_SEEDS, args, generator)
+    latents = generate(pipe, eval_prompts, EVAL_SEEDS, args, generator)
     images = decode_latents(pipe.vae, latents)                 # (E*S, 3, H, W)
-    save_grid(images, TINY_EVAL_SEEDS, folder / "grid.png")
+    save_grid(images, EVAL_SEEDS, folder / "grid.png")
     if not args.tiny:
         return {}
-    prompts = [p for p in eval_prompts for _ in range(TINY_EVAL_SEEDS)]
+    prompts = [p for p in eval_prompts for _ in range(EVAL_SEEDS)]
     score = annotator_score(images, prompts)
     seen = torch.tensor([p in TINY_SEEN for p in prompts])
     return {"annotator": score.mean().item(), "annotator/seen": score[seen].mean().item(),
@@ -973,7 +980,9 @@ def sail(args, pipe, seed_pairs, prompts, out, log):
         summary = diffusion_dpo(pipe, ref_unet, mixed, args, f"iter_{i}", log, generator)
         finish_stage(f"iter_{i}", started, {"self_pairs": n_self, "seed_pairs": len(mixed) - n_self,
                                             "ties": ties, **summary, **extra})
-        prev_ref = ref_unet
+        # keep a third frozen UNet in memory only when the next reward needs it
+        prev_ref = ref_unet if args.reward_ref == "prev" else base_unet
+        del ref_unet
 
 
 # =================================================================================================

@@ -5,6 +5,7 @@ Equation numbers are SPEC.md's, as in sail.py.
 """
 
 import copy
+import io
 import csv
 import json
 import math
@@ -20,6 +21,7 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"  # a missing network must not hang a local load
 
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 from diffusers import (DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,  # noqa: E402
                        UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection  # noqa: E402
@@ -716,3 +718,167 @@ def test_help_lists_every_setting_with_its_paper_value(capsys):
                         ("--beta", "(paper: 5000)"), ("--mix-alpha", "(paper: 0.25; 1 = no mixup)"),
                         ("--effective-batch", "(paper: 128)")):
         assert flag in text and paper in text
+
+
+# -------------------------------------------------------------------------------------------------
+# Real data: the Pick-a-Pic v2 importer, on a small parquet written here with the real columns
+# -------------------------------------------------------------------------------------------------
+
+def png_bytes(colour):
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_pickapic_shard(path, rows):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({name: [row[i] for row in rows] for i, name in enumerate(
+        ["caption", "jpg_0", "jpg_1", "label_0", "label_1"])}), path)
+
+
+def pickapic_rows(n):
+    """Row i: label_0 wins on even i, label_1 on odd i, and every 5th row is a tie."""
+    rows = []
+    for i in range(n):
+        labels = (0.5, 0.5) if i % 5 == 4 else (1.0, 0.0) if i % 2 == 0 else (0.0, 1.0)
+        rows.append((f"prompt {i}", png_bytes((i, 0, 0)), png_bytes((0, i, 0)), *labels))
+    return rows
+
+
+def test_pickapic_import_drops_ties_and_orders_winners(tmp_path):
+    import pickapic
+    write_pickapic_shard(tmp_path / "train-0.parquet", pickapic_rows(20))
+    out = tmp_path / "data"
+    assert pickapic.main([str(tmp_path / "train-0.parquet"), "--out", str(out)]) == 0
+    pairs = sail.read_seed_pairs(out / "seed_pairs.json")  # the format sail.py reads
+    assert len(pairs) == 16  # 20 rows, 4 ties
+    for pair in pairs:
+        i = int(pair["prompt"].split()[1])
+        assert i % 5 != 4
+        chosen = Image.open(pair["chosen"]).getpixel((0, 0))
+        assert chosen == ((i, 0, 0) if i % 2 == 0 else (0, i, 0))  # jpg_0 wins on even rows
+
+
+def test_pickapic_subset_is_seeded_and_sized(tmp_path):
+    import pickapic
+    shard = tmp_path / "train-0.parquet"
+    write_pickapic_shard(shard, pickapic_rows(200))  # 160 non-tied pairs
+    runs = {}
+    for name, flags in (("a", ["--fraction", "0.25"]), ("b", ["--fraction", "0.25"]),
+                        ("c", ["--fraction", "0.25", "--seed", "1"]), ("n", ["--n-pairs", "30"])):
+        assert pickapic.main([str(shard), "--out", str(tmp_path / name), *flags]) == 0
+        runs[name] = [p["prompt"] for p in json.loads((tmp_path / name / "seed_pairs.json").read_text())]
+    assert runs["a"] == runs["b"] and runs["a"] != runs["c"]  # fixed by the seed
+    assert 25 <= len(runs["a"]) <= 55  # about 0.25 x 160 (binomial)
+    assert 15 <= len(runs["n"]) <= 30  # about 30, never more
+
+
+def test_pickapic_skips_corrupt_images_and_resumes(tmp_path, capsys):
+    import pickapic
+    rows = pickapic_rows(6)
+    rows[1] = (rows[1][0], b"not an image", *rows[1][2:])
+    shard = tmp_path / "train-0.parquet"
+    write_pickapic_shard(shard, rows)
+    out = tmp_path / "data"
+    assert pickapic.main([str(shard), "--out", str(out)]) == 0
+    assert "corrupt images skipped 1" in capsys.readouterr().out
+    written = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
+    assert len(written) == 8  # 6 rows - 1 tie - 1 corrupt = 4 pairs, 2 images each
+    assert pickapic.main([str(shard), "--out", str(out)]) == 0  # the same command again resumes
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == written
+
+
+def test_pickapic_refuses_a_parquet_without_its_columns(tmp_path, capsys):
+    import pickapic
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"caption": ["x"], "jpg_0": [b""]}), tmp_path / "other.parquet")
+    code = pickapic.main([str(tmp_path / "other.parquet"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "other.parquet: missing Pick-a-Pic column(s) jpg_1, label_0, label_1" in err
+    assert not (tmp_path / "o").exists()
+
+
+# -------------------------------------------------------------------------------------------------
+# Evaluation: the hidden annotator in the tiny world, PickScore on a tiny CLIP saved to a folder
+# -------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory, tiny_base):
+    out = tmp_path_factory.mktemp("quick") / "run"
+    assert sail.main(["--tiny", "--iters", "1", "--out", str(out), "--pretrain-steps",
+                      str(PRETRAIN_STEPS), *QUICK]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pickscore(tmp_path_factory):
+    """A CLIPModel + processor built from configs and saved: the loading code of PickScore_v1."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    folder = tmp_path_factory.mktemp("pickscore")
+    tokenizer = sail.tiny_tokenizer(folder)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=8,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=16, patch_size=8),
+        projection_dim=16, logit_scale_init_value=3.0)).save_pretrained(folder / "model")
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
+                                                     crop_size={"height": 16, "width": 16}),
+                  tokenizer=tokenizer).save_pretrained(folder / "processor")
+    return folder
+
+
+def test_pickscore_is_scaled_cosine_of_clip_embeddings(tiny_pickscore):
+    import evaluate
+    scorer = evaluate.PickScore(tiny_pickscore / "model", tiny_pickscore / "processor",
+                                torch.device("cpu"))
+    images = sail.draw_tiny_images(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
+    prompts = ["a red circle", "a blue square"]
+    scores = scorer(images, prompts)
+    # independent: CLIPModel's own forward gives logits_per_image = logit_scale.exp() * cos
+    inputs = scorer.processor(text=prompts, images=[sail.to_pil(i) for i in images],
+                              padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = scorer.model(**inputs).logits_per_image                      # (images, texts)
+    torch.testing.assert_close(scores, logits.diagonal())
+    assert scorer.model.logit_scale.exp().item() == pytest.approx(math.exp(3.0))
+
+
+def test_evaluate_scores_every_stage_of_a_run(quick_run, tiny_pickscore, tmp_path):
+    import evaluate
+    out = tmp_path / "eval"
+    code = evaluate.main([str(quick_run), "--seeds", "2", "--metrics", "annotator,pickscore",
+                          "--pickscore-model", str(tiny_pickscore / "model"),
+                          "--pickscore-processor", str(tiny_pickscore / "processor"),
+                          "--out", str(out)])
+    assert code == 0
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["model"] for r in rows] == ["base", "iter_0", "iter_1"]
+    assert {"annotator", "annotator std", "annotator/seen", "annotator/unseen", "fidelity",
+            "pickscore", "pickscore std"} <= set(rows[0])
+    assert all(r["prompts"] == "18" and r["images"] == "36" for r in rows)
+    assert "| model | annotator |" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--metrics", "clipscore"], "unknown metric(s) clipscore"),
+    (["--models", "iter_9"], "iter_9 not in"),
+    (["--metrics", "pickscore", "--pickscore-model", "/no/such/model"], "cannot load the PickScore"),
+])
+def test_evaluate_bad_input(quick_run, capsys, tmp_path, argv, message):
+    import evaluate
+    code = evaluate.main([str(quick_run), *argv, "--out", str(tmp_path / "e")])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
+def test_evaluate_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    import evaluate
+    assert evaluate.main([str(tmp_path)]) == 2
+    assert "not a sail.py run folder" in capsys.readouterr().err

@@ -1,0 +1,159 @@
+"""Import Pick-a-Pic v2 preference pairs into sail.py's seed-pair format.
+
+The paper's seed set is ~50K pairs, 6% of Pick-a-Pic v2's ~0.8M (after dropping ties). This
+streams the data set's parquet shards one record batch at a time (0.8M pairs never sit in
+memory), drops ties, keeps a fixed-seed random subset, and writes
+
+    <out>/seed_pairs.json       [{"prompt", "chosen", "rejected"}, ...], paths relative to it
+    <out>/images/<shard>-<row>-<0|1>.<ext>   the images, as stored in the data set
+
+Run:
+    python pickapic.py train-*.parquet --out data/pickapic --fraction 0.06 --seed 0
+    python pickapic.py train-*.parquet --out data/pickapic --n-pairs 50000
+    python sail.py --model ... --seed-pairs data/pickapic/seed_pairs.json
+
+The shards are the data set's own parquet files (columns caption, jpg_0, jpg_1, label_0,
+label_1), as a `datasets` download or `huggingface-cli download` leaves them on disk. Needs
+pyarrow (pip install pyarrow), imported only here. Resumable: run the same command again and
+images already written are skipped. Rows whose image bytes do not decode are skipped and counted.
+"""
+
+import argparse
+import io
+import json
+import random
+import sys
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+COLUMNS = ["caption", "jpg_0", "jpg_1", "label_0", "label_1"]
+
+
+class InputError(Exception):
+    """Bad input: printed on one line, exit code 2."""
+
+
+def open_shards(paths):
+    """pyarrow ParquetFiles for every shard, checked for the Pick-a-Pic columns up front."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError("reading parquet needs pyarrow: pip install pyarrow")
+    shards = []
+    for path in paths:
+        try:
+            shard = pq.ParquetFile(path)
+        except (OSError, ValueError) as error:  # missing file, not parquet
+            raise InputError(f"{path}: cannot read as parquet: {error}")
+        missing = [c for c in COLUMNS if c not in shard.schema_arrow.names]
+        if missing:
+            raise InputError(f"{path}: missing Pick-a-Pic column(s) {', '.join(missing)} "
+                             f"(expected {', '.join(COLUMNS)})")
+        shards.append((Path(path), shard))
+    return shards
+
+
+def keep_row(seed, shard_name, row, fraction):
+    """A fixed-seed coin per row, independent of batch sizes and of earlier (resumed) runs."""
+    return random.Random(f"{seed}/{shard_name}/{row}").random() < fraction
+
+
+def image_extension(data):
+    """The file extension of image bytes, or None when they do not decode as an image."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+            return {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(image.format, "img")
+    except (UnidentifiedImageError, OSError, SyntaxError, TypeError):
+        return None
+
+
+def write_image(data, path):
+    """Write the bytes as they are (no re-encoding). An existing complete file is kept: that is
+    what makes a re-run resume; a kill mid-write leaves only a .partial file behind."""
+    if not path.exists() or path.stat().st_size != len(data):
+        partial = path.with_suffix(path.suffix + ".partial")
+        partial.write_bytes(data)
+        partial.replace(path)
+
+
+def import_pairs(shards, out, fraction, n_pairs, seed):
+    """Stream every shard, keep the subset, write images; returns (pairs, counts)."""
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    total = sum(shard.metadata.num_rows for _, shard in shards)
+    if n_pairs is not None:  # a cheap first pass over the labels alone counts the non-tied rows
+        non_tied = sum(sum(a != b for a, b in zip(batch["label_0"].to_pylist(),
+                                                  batch["label_1"].to_pylist()))
+                       for _, shard in shards
+                       for batch in shard.iter_batches(columns=["label_0", "label_1"]))
+        fraction = min(1.0, n_pairs / max(non_tied, 1))  # about n_pairs kept, never more
+    pairs, counts = [], {"rows": 0, "ties": 0, "unsampled": 0, "corrupt": 0}
+    bar = tqdm(total=total, desc="Pick-a-Pic rows", unit="row")
+    for path, shard in shards:
+        rows = (record for batch in shard.iter_batches(batch_size=256, columns=COLUMNS)
+                for record in batch.to_pylist())
+        for row, record in enumerate(rows):
+            counts["rows"] += 1
+            bar.update()
+            if n_pairs is not None and len(pairs) >= n_pairs:
+                continue
+            if record["label_0"] == record["label_1"]:  # 0.5 / 0.5: a tie, no preference
+                counts["ties"] += 1
+                continue
+            if not keep_row(seed, path.stem, row, fraction):
+                counts["unsampled"] += 1
+                continue
+            extensions = [image_extension(record[f"jpg_{i}"]) for i in (0, 1)]
+            if None in extensions:
+                counts["corrupt"] += 1
+                continue
+            names = [f"{path.stem}-{row}-{i}.{extensions[i]}" for i in (0, 1)]
+            for i in (0, 1):
+                write_image(record[f"jpg_{i}"], images / names[i])
+            winner = 0 if record["label_0"] > record["label_1"] else 1
+            pairs.append({"prompt": record["caption"],
+                          "chosen": f"images/{names[winner]}",
+                          "rejected": f"images/{names[1 - winner]}"})
+    bar.close()
+    return pairs, counts
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("shards", nargs="+", help="Pick-a-Pic v2 parquet files")
+    parser.add_argument("--out", required=True, help="folder for seed_pairs.json and images/")
+    subset = parser.add_mutually_exclusive_group()
+    subset.add_argument("--fraction", type=float, default=1.0,
+                        help="keep this fraction of the non-tied pairs (paper: 0.06)")
+    subset.add_argument("--n-pairs", type=int,
+                        help="keep about this many pairs, never more (a first pass counts ties)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subset")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if not 0 < args.fraction <= 1:
+            raise InputError("--fraction must be in (0, 1]")
+        if args.n_pairs is not None and args.n_pairs < 1:
+            raise InputError("--n-pairs must be >= 1")
+        shards = open_shards(args.shards)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    pairs, counts = import_pairs(shards, out, args.fraction, args.n_pairs, args.seed)
+    summary = (f"rows {counts['rows']}, ties dropped {counts['ties']}, not sampled "
+               f"{counts['unsampled']}, corrupt images skipped {counts['corrupt']}")
+    if not pairs:
+        print(f"error: no pairs kept ({summary})", file=sys.stderr)
+        return 2
+    partial = out / "seed_pairs.json.partial"
+    partial.write_text(json.dumps(pairs, indent=1) + "\n")
+    partial.replace(out / "seed_pairs.json")
+    print(f"{len(pairs)} pairs -> {out / 'seed_pairs.json'} ({summary})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -791,12 +791,11 @@ def self_label(pipe, judge_ref, prompts, args, folder, generator):
             names = [f"pairs/{index:05d}_chosen.png", f"pairs/{index:05d}_rejected.png"]
             for image, name in zip(images, names):
                 save_image(image, folder / name)
-            r_w, r_l = rewards[chosen[0]].item(), rewards[chosen[1]].item()
+            r_w, r_l = rewards[chosen[0]], rewards[chosen[1]]
             pairs.append({"prompt": prompt, "chosen": str(folder / names[0]),
-                          "rejected": str(folder / names[1]), "reward_chosen": r_w,
-                          "reward_rejected": r_l,
-                          "confidence": preference_probability(torch.tensor(r_w),
-                                                               torch.tensor(r_l)).item()})
+                          "rejected": str(folder / names[1]), "reward_chosen": r_w.item(),
+                          "reward_rejected": r_l.item(),
+                          "confidence": preference_probability(r_w, r_l).item()})  # Eq. 9
     bar.close()
     return pairs, ties
 

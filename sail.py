@@ -640,34 +640,41 @@ def pair_batches(pairs, batch_size, generator):
 # 5. Diffusion-DPO loss                                               (ALGORITHM: Eq. F, Eq. DPO)
 # =================================================================================================
 
+def alpha_bar(scheduler, t, x0):
+    """a_t = alphas_cumprod[t], shaped to broadcast over latents: (B, 1, 1, 1)."""
+    return scheduler.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
+
+
 def noisy_latents(scheduler, x0, noise, t):
-    """Eq. F: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps, with a_t = alphas_cumprod[t]."""
-    a_t = scheduler.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)         # (B, 1, 1, 1)
+    """Eq. F: the forward process jumps straight from x_0 to x_t."""
+    a_t = alpha_bar(scheduler, t, x0)                                             # (B, 1, 1, 1)
+    # Eq. F: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps
     return a_t.sqrt() * x0 + (1 - a_t).sqrt() * noise
 
 
 def diffusion_target(scheduler, x0, noise, t):
-    """What the UNet is trained to predict, per the scheduler's prediction_type (never hard-coded)."""
+    """Eq. F's target: what the UNet predicts, per the scheduler's prediction_type (never assumed)."""
     prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
+    if prediction_type == "epsilon":  # SD 1.5, SDXL: predict the noise eps
         return noise
-    if prediction_type == "v_prediction":
-        a_t = scheduler.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
-        # v = sqrt(a_t) eps - sqrt(1 - a_t) x_0   (Salimans & Ho 2022; SD 2.x)
+    if prediction_type == "v_prediction":  # SD 2.x (Salimans & Ho 2022)
+        a_t = alpha_bar(scheduler, t, x0)
+        # v = sqrt(a_t) eps - sqrt(1 - a_t) x_0
         return a_t.sqrt() * noise - (1 - a_t).sqrt() * x0
     raise InputError(f"prediction_type {prediction_type!r} is not supported "
                      "(supported: epsilon, v_prediction)")
 
 
 def denoising_error(unet, scheduler, x0, noise, t, cond):
-    """err_m(x) = ||target - m(x_t, y, t)||^2, mean over C, H, W: (B,).
+    """err_m(x): how badly model m denoises x_0 at (t, eps); (B,) per-sample errors.
 
     The one function behind the loss, the implicit reward and the tiny world's pretraining.
-    (Diffusion-DPO official code: mean over C,H,W per sample.)
     """
     x_t = noisy_latents(scheduler, x0, noise, t)                                # (B, C, h, w)
     prediction = unet(x_t, t, **cond).sample                                    # (B, C, h, w)
     target = diffusion_target(scheduler, x0, noise, t)
+    # Eq. DPO: err_m(x) = ||target - m(x_t, y, t)||^2, the mean over C, H, W of each sample
+    # (as in the Diffusion-DPO official code), in float32 whatever the models' precision
     return ((prediction.float() - target.float()) ** 2).mean(dim=(1, 2, 3))    # (B,)
 
 
@@ -701,6 +708,7 @@ def implicit_reward(unet, ref_unet, latents, text_emb, scheduler, beta, k, gener
     """
     n = latents.shape[0]
     cond = text_emb if isinstance(text_emb, dict) else {"encoder_hidden_states": text_emb}
+    # K draws t_k ~ U{0..T-1}, eps_k ~ N(0, I), the same for every candidate (SPEC 2a)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (k,), generator=generator)  # (K,)
     noise = torch.randn((k, *latents.shape[1:]), generator=generator)                     # (K, C, h, w)
     device = latents.device

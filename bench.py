@@ -4,8 +4,10 @@ A SAIL iteration is generation (N images per prompt, `steps` denoising passes ea
 CFG) + ranking (N x K noisy latents through two UNets, Eq. 8) + Diffusion-DPO training (per pair:
 theta forward + backward on winner and loser, ref forward on both). This measures each, in one run:
 
-    python bench.py               # the tiny world on CPU (a few minutes on 2 cores)
+    python bench.py               # the tiny world on CPU (about 1.5 minutes on 2 cores)
     python bench.py --quick       # the smallest size (the test suite runs it)
+    python bench.py --sd15-shaped # Stable Diffusion 1.5's architecture, random weights, 512 px:
+                                  # real-scale figures on a GPU without downloading weights
 
 Every figure is the median of several repeats after a warm-up. Peak memory is the process's peak
 resident set (VmHWM, reset before each measurement) on CPU, torch.cuda.max_memory_allocated on a
@@ -19,6 +21,7 @@ import csv
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -74,8 +77,9 @@ class Bench:
         self.pipe, self.args, self.seed_pairs = pipe, args, seed_pairs
         self.device = pipe.device
         self.scheduler = sail.DDPMScheduler.from_config(pipe.scheduler.config)
-        self.ref = sail.frozen_copy(pipe.unet)
-        self.theta = sail.frozen_copy(pipe.unet)  # a different "theta" would cost the same
+        # pipe.unet plays theta everywhere (a trained theta would cost the same); one frozen copy
+        # is the reference: the benchmark holds no more UNets than a run does
+        self.theta, self.ref = pipe.unet, sail.frozen_copy(pipe.unet)
         self.cond = sail.encode_text(pipe, ["a red circle"], args.resolution)  # (1, L, D)
 
     def generation(self, n_prompts, n):
@@ -114,10 +118,11 @@ class Bench:
         return torch.stack(rewards)
 
     def dpo_step(self, batch, size=None, concatenated=True):
-        """One Diffusion-DPO forward + backward on `batch` pairs of latents (no optimizer step)."""
-        unet = copy.deepcopy(self.pipe.unet).train().requires_grad_(True)
+        """One Diffusion-DPO forward + backward on `batch` pairs of latents (no optimizer step);
+        returns the errors, so the two ways of batching can be checked to compute the same."""
+        unet = self.theta
         x_w, x_l = self.latents(batch, size, seed=0), self.latents(batch, size, seed=1)
-        noise = torch.randn_like(x_w)
+        noise = self.latents(batch, size, seed=3)  # shared by winner and loser (Eq. DPO)
         t = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(2)).to(
             self.device)
         cond = sail.map_cond(lambda v: v.expand(batch, *v.shape[1:]), self.cond)
@@ -127,6 +132,7 @@ class Bench:
             return sail.denoising_error(model, self.scheduler, x0, noise, t, cond)
 
         def step():
+            unet.train().requires_grad_(True)
             unet.zero_grad(set_to_none=True)
             if concatenated:  # sail.py: one forward per model on (winners, losers)
                 shared = (twice(noise), twice(t), sail.map_cond(twice, cond))
@@ -139,26 +145,50 @@ class Bench:
                     err_ref = [error(self.ref, x, noise, t, cond) for x in (x_w, x_l)]
             loss, _ = sail.dpo_loss(*err_theta, *err_ref, self.args.beta)
             loss.backward()
-            return loss.detach()
+            unet.zero_grad(set_to_none=True)
+            unet.eval().requires_grad_(False)
+            return torch.cat([*err_theta, *err_ref]).detach()  # the four (B,) errors of Eq. DPO
         return step
 
     def dpo_stage(self, steps):
-        """sail.py's own diffusion_dpo for `steps` optimizer steps (image loading, VAE included)."""
-        pipe = copy.deepcopy(self.pipe)
+        """sail.py's own diffusion_dpo for `steps` optimizer steps (image loading, VAE included).
+        It trains pipe.unet in place: the timings after it do not depend on its weights."""
         args = copy.copy(self.args)
         args.dpo_steps = steps
-        return lambda: sail.diffusion_dpo(pipe, self.ref, self.seed_pairs, args, "bench",
+        return lambda: sail.diffusion_dpo(self.pipe, self.ref, self.seed_pairs, args, "bench",
                                           lambda record: None, torch.Generator().manual_seed(0))
+
+
+def sd15_shaped_pipeline(folder):
+    """Stable Diffusion 1.5's architecture (UNet 860M, CLIP ViT-L/14 text encoder, VAE) with random
+    weights, from configs: timings and memory at real scale need no downloaded weights."""
+    tokenizer = sail.tiny_tokenizer(folder)  # a few ids of the vocabulary: cost does not depend on them
+    tokenizer.model_max_length = 77
+    text_encoder = sail.CLIPTextModel(sail.CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    unet = sail.UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # SD 1.x blocks
+    vae = sail.AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+        sample_size=512, scaling_factor=0.18215)
+    scheduler = sail.DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                                   beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                                   steps_offset=1)
+    return sail.StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 # ------------------------------------------------------------------------------------------------
 # The benchmark
 # ------------------------------------------------------------------------------------------------
 
-def run(bench, quick, rows):
+def run(bench, quick, rows, latent_sizes):
     args, device = bench.args, bench.device
     repeats = 2 if quick else 5
-    prompts = 2 if quick else args.prompts_per_iter
+    prompts = 2 if quick else args.prompts_per_iter or 4
     n, k = (2, 2) if quick else (args.n_candidates, args.k_draws)
 
     def record(measure_name, setting, value, units, unit_name, fn, reps=repeats):
@@ -175,9 +205,9 @@ def run(bench, quick, rows):
            bench.generation(prompts, n))
     record("stage: ranking", "prompts", prompts, prompts * n, "images",
            lambda: [bench.ranking(n, k)() for _ in range(prompts)])
-    steps = 2 if quick else 5
+    steps = 1 if quick or not args.tiny else 5
     record("stage: DPO", "steps", steps, steps * args.effective_batch, "pairs",
-           bench.dpo_stage(steps), reps=1 if quick else 3)
+           bench.dpo_stage(steps), reps=1 if quick or not args.tiny else 3)
 
     # 2. Batched implicit reward vs a loop over candidates and draws: same numbers, the ratio
     batched = record("reward: batched", "N x K", f"{n}x{k}", n, "images", bench.ranking(n, k))
@@ -189,7 +219,7 @@ def run(bench, quick, rows):
     together = record("dpo: concatenated", "batch", batch, batch, "pairs", bench.dpo_step(batch))
     apart = record("dpo: separate", "batch", batch, batch, "pairs",
                    bench.dpo_step(batch, concatenated=False))
-    torch.testing.assert_close(together, apart, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(together, apart, rtol=1e-4, atol=1e-6)  # the same errors
 
     # 4. Scaling with N, K, latent size and batch
     for value in ((2, 4) if quick else (2, 4, 8, 16)):
@@ -197,7 +227,7 @@ def run(bench, quick, rows):
         record("scaling: ranking", "N", value, value, "images", bench.ranking(value, k))
     for value in ((1, 2) if quick else (1, 5, 10, 20)):
         record("scaling: ranking", "K", value, n, "images", bench.ranking(n, value))
-    for value in ((8,) if quick else (8, 16, 32)):
+    for value in latent_sizes[:1] if quick else latent_sizes:
         record("scaling: dpo", "latent", value, batch, "pairs", bench.dpo_step(batch, value))
     for value in ((2, 4) if quick else (4, 8, 16, 32)):
         record("scaling: dpo", "batch", value, value, "pairs", bench.dpo_step(value))
@@ -211,9 +241,10 @@ def ratio(rows, slow, fast):
 def write(out, rows, device, args):
     machine = (torch.cuda.get_device_name() if device.type == "cuda"
                else f"CPU, {torch.get_num_threads()} threads")
-    lines = [f"Machine: {machine}; torch {torch.__version__}; tiny world, N={args.n_candidates}, "
-             f"K={args.k_draws}, {args.sample_steps} sampling steps. Median of repeats after a "
-             "warm-up.", "",
+    model = "tiny world" if args.tiny else f"SD 1.5-shaped, random weights, {args.resolution} px"
+    lines = [f"Machine: {machine}; torch {torch.__version__}; {model}, N={args.n_candidates}, "
+             f"K={args.k_draws}, {args.sample_steps} sampling steps, micro-batch "
+             f"{args.micro_batch}. Median of repeats after a warm-up.", "",
              "| measure | setting | value | ms | per second | peak MB |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['measure']} | {r['setting']} | {r['value']} | {r['seconds'] * 1000:.1f}"
@@ -221,7 +252,7 @@ def write(out, rows, device, args):
     lines += ["", f"Batched implicit reward vs loop: {ratio(rows, 'reward: loop', 'reward: batched'):.1f}x "
               "faster (same rewards).",
               f"DPO step, concatenated vs separate forwards: "
-              f"{ratio(rows, 'dpo: separate', 'dpo: concatenated'):.2f}x faster (same loss)."]
+              f"{ratio(rows, 'dpo: separate', 'dpo: concatenated'):.2f}x faster (same errors)."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     with open(out / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -255,18 +286,31 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="the smallest size, for tests")
     parser.add_argument("--pretrain-steps", type=int, default=sail.Args.pretrain_steps,
                         help="tiny base pretraining steps (cached)")
+    parser.add_argument("--sd15-shaped", action="store_true",
+                        help="Stable Diffusion 1.5's architecture with random weights (for a GPU)")
+    parser.add_argument("--resolution", type=int, default=512,
+                        help="--sd15-shaped only: image size in pixels (SD 1.5: 512)")
     options = parser.parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(options.out)
     if out.exists():
         print(f"error: --out {out}: already exists; choose a new folder", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args = sail.Args(tiny=True, **sail.TINY_PRESET)
-    pipe = sail.load_pipeline(sail.tiny_base_model(options.pretrain_steps), device)
+    if options.sd15_shaped:  # SD 1.5's own settings: N = 8, K = 10, DDPM 50 steps, 128 pairs
+        args = sail.Args(resolution=options.resolution)
+        args.lr = 1e-8 * args.effective_batch
+        with tempfile.TemporaryDirectory() as scratch:
+            pipe = sail.prepare_pipeline(sd15_shaped_pipeline(Path(scratch)), device)
+        latent = options.resolution // 8
+        latent_sizes = (latent // 2, latent)
+    else:
+        args = sail.Args(tiny=True, **sail.TINY_PRESET)
+        pipe = sail.load_pipeline(sail.tiny_base_model(options.pretrain_steps), device)
+        latent_sizes = (8, 16, 32)
     sail.set_sampler(pipe, args)
     bench = Bench(pipe, args, sail.read_seed_pairs(Path(__file__).parent / "seed_pairs.json"))
     rows = []
-    run(bench, options.quick, rows)
+    run(bench, options.quick, rows, latent_sizes)
     out.mkdir(parents=True)
     write(out, rows, device, args)
     print((out / "results.md").read_text())

@@ -247,9 +247,14 @@ def load_pipeline(model, device):
                                                  requires_safety_checker=False)
     except Exception as error:
         raise cannot_load(model, error)
+    return prepare_pipeline(pipe, device)
+
+
+def prepare_pipeline(pipe, device):
+    """Quiet, on the device, every part frozen (training unfreezes the UNet it trains)."""
     pipe.set_progress_bar_config(disable=True)  # we keep one bar per stage ourselves
     pipe.to(device)
-    for part in pipe.components.values():  # text encoders, VAE, UNet; training unfreezes the UNet
+    for part in pipe.components.values():  # text encoders, VAE, UNet
         if isinstance(part, torch.nn.Module):
             part.requires_grad_(False)
     return pipe

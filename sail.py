@@ -470,8 +470,9 @@ def pretrain_tiny_pipeline(pipe, steps, seed):
     vae.register_to_config(scaling_factor=float(1 / latents.std()))
 
     # (b) text encoder + UNet: plain denoising loss (Eq. F with an epsilon target), 15% empty
-    # prompts so classifier-free guidance works; AdamW, warm-up + cosine, clip 1. Measured: 600
-    # steps drew the prompted shape and colour in 25% of samples, 1200 steps in 65%.
+    # prompts so classifier-free guidance works; AdamW, warm-up + cosine, clip 1. Measured (DDIM
+    # 10 steps, CFG 4): the prompted colour and shape in 25% of samples after 600 steps, 65% after
+    # 1200.
     params = [*pipe.unet.parameters(), *pipe.text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=6e-3)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(warmup=30))

@@ -302,7 +302,7 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as scratch:
             pipe = sail.prepare_pipeline(sd15_shaped_pipeline(Path(scratch)), device)
         latent = options.resolution // 8
-        latent_sizes = (latent // 2, latent)
+        latent_sizes = (latent, latent // 2)  # the native size first: --quick measures only it
     else:
         args = sail.Args(tiny=True, **sail.TINY_PRESET)
         pipe = sail.load_pipeline(sail.tiny_base_model(options.pretrain_steps), device)

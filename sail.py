@@ -523,8 +523,18 @@ def annotator_agrees(pairs):
 
 
 def annotator_relabel(pairs):
-    """The all-labels control: the same pairs, ordered by the hidden annotator instead of Eq. 8."""
-    return [pair if agrees else {**pair, "chosen": pair["rejected"], "rejected": pair["chosen"]}
+    """The all-labels control: the same pairs, ordered by the hidden annotator instead of Eq. 8.
+
+    A flipped pair keeps Eq. 8's rewards with their images, so its confidence becomes 1 - p.
+    """
+    def flipped(pair):
+        swapped = {**pair, "chosen": pair["rejected"], "rejected": pair["chosen"]}
+        if "confidence" in pair:  # a self-labelled pair: its rewards follow their images
+            swapped.update(reward_chosen=pair["reward_rejected"],
+                           reward_rejected=pair["reward_chosen"],
+                           confidence=1 - pair["confidence"])
+        return swapped
+    return [pair if agrees else flipped(pair)
             for pair, agrees in zip(pairs, annotator_agrees(pairs).tolist())]
 
 
@@ -984,7 +994,8 @@ def sail(args, pipe, seed_pairs, prompts, out, log):
                  if self_pairs else list(seed_pairs))
         n_self = sum(1 for p in mixed if "confidence" in p)
         if args.pairs != "none" and not self_pairs:
-            print(f"note: iteration {i}: every prompt tied; training on the seed pairs only")
+            print(f"note: iteration {i}: every prompt tied; training on the seed pairs only",
+                  flush=True)
         if len(mixed) - n_self > len(seed_pairs):
             print(f"note: iteration {i} needs {len(mixed) - n_self} seed pairs but there are "
                   f"{len(seed_pairs)}: drawing them with replacement", flush=True)

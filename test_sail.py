@@ -634,6 +634,11 @@ def test_annotator_relabel_orders_each_pair_by_the_hidden_annotator():
                for i, p in enumerate(pairs)]
     assert sail.annotator_agrees(swapped).tolist() == [True, False] * 3
     assert sail.annotator_relabel(swapped) == pairs
+    judged = [{**p, "reward_chosen": 2.0, "reward_rejected": 1.0, "confidence": 0.73} for p in swapped]
+    relabelled = sail.annotator_relabel(judged)
+    assert [p["chosen"] for p in relabelled] == [p["chosen"] for p in pairs]
+    assert relabelled[1]["reward_chosen"] == 1.0 and relabelled[1]["reward_rejected"] == 2.0
+    assert relabelled[1]["confidence"] == pytest.approx(0.27) and relabelled[0] == judged[0]
 
 
 def test_oracle_labels_need_the_tiny_world(tmp_path, tiny_base, capsys):

@@ -167,7 +167,7 @@ def summarise(results, seeds):
     claims = []
     if "sail" in results:
         for claim, control, expected in CLAIMS:
-            if control not in per_condition or control == "sail":
+            if control not in per_condition:
                 continue
             row = {"claim": claim, "control": control}
             for metric in ("annotator", "annotator/seen", "annotator/unseen", "fidelity"):

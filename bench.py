@@ -73,13 +73,15 @@ def measure(fn, repeats, device):
 # ------------------------------------------------------------------------------------------------
 
 class Bench:
-    def __init__(self, pipe, args, seed_pairs):
-        self.pipe, self.args, self.seed_pairs = pipe, args, seed_pairs
+    def __init__(self, pipe, args, seed_pairs, scratch):
+        self.pipe, self.args, self.seed_pairs, self.scratch = pipe, args, seed_pairs, scratch
         self.device = pipe.device
+        sail.cast_frozen_models(pipe, args.precision)  # as sail.py's main does
         self.scheduler = sail.DDPMScheduler.from_config(pipe.scheduler.config)
         # pipe.unet plays theta everywhere (a trained theta would cost the same); one frozen copy
         # is the reference: the benchmark holds no more UNets than a run does
-        self.theta, self.ref = pipe.unet, sail.frozen_copy(pipe.unet)
+        self.theta, self.ref = pipe.unet, sail.frozen_copy(pipe.unet, args.precision)
+        self.autocast = lambda: sail.autocast(self.device, args.precision)  # noqa: E731
         self.cond = sail.encode_text(pipe, ["a red circle"], args.resolution)  # (1, L, D)
 
     def generation(self, n_prompts, n):
@@ -96,8 +98,11 @@ class Bench:
         """Eq. 8 for one prompt's n candidates: batched as in sail.py, or a plain double loop."""
         x = self.latents(n)
         if batched:
-            return lambda: sail.implicit_reward(self.theta, self.ref, x, self.cond, self.scheduler,
+            def batched_reward():
+                with self.autocast():
+                    return sail.implicit_reward(self.theta, self.ref, x, self.cond, self.scheduler,
                                                 self.args.beta, k, torch.Generator().manual_seed(1))
+            return batched_reward
         return lambda: self.ranking_loop(x, k)
 
     def ranking_loop(self, x, k):
@@ -106,7 +111,7 @@ class Bench:
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (k,), generator=generator)
         noise = torch.randn((k, *x.shape[1:]), generator=generator).to(self.device)
         rewards = []
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():
             for n in range(x.shape[0]):
                 diffs = [sail.denoising_error(self.theta, self.scheduler, x[n:n + 1],
                                               noise[j:j + 1], t[j:j + 1].to(self.device), self.cond)
@@ -129,7 +134,8 @@ class Bench:
         twice = lambda v: torch.cat([v, v])  # noqa: E731
 
         def error(model, x0, noise, t, cond):
-            return sail.denoising_error(model, self.scheduler, x0, noise, t, cond)
+            with self.autocast():
+                return sail.denoising_error(model, self.scheduler, x0, noise, t, cond)
 
         def step():
             unet.train().requires_grad_(True)
@@ -154,9 +160,10 @@ class Bench:
         """sail.py's own diffusion_dpo for `steps` optimizer steps (image loading, VAE included).
         It trains pipe.unet in place: the timings after it do not depend on its weights."""
         args = copy.copy(self.args)
-        args.dpo_steps = steps
-        return lambda: sail.diffusion_dpo(self.pipe, self.ref, self.seed_pairs, args, "bench",
-                                          lambda record: None, torch.Generator().manual_seed(0))
+        args.dpo_steps, args.checkpoint_every = steps, steps + 1  # no checkpoint: not a DPO cost
+        run = sail.Run(self.scratch, args)  # its metrics.jsonl goes to a temporary folder
+        run.open_log()
+        return lambda: sail.diffusion_dpo(self.pipe, self.ref, self.seed_pairs, args, "iter_0", run)
 
 
 def sd15_shaped_pipeline(folder):
@@ -297,20 +304,22 @@ def main(argv=None):
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if options.sd15_shaped:  # SD 1.5's own settings: N = 8, K = 10, DDPM 50 steps, 128 pairs
-        args = sail.Args(resolution=options.resolution)
+        args = sail.Args(resolution=options.resolution, precision=sail.default_precision())
         args.lr = 1e-8 * args.effective_batch
         with tempfile.TemporaryDirectory() as scratch:
             pipe = sail.prepare_pipeline(sd15_shaped_pipeline(Path(scratch)), device)
         latent = options.resolution // 8
         latent_sizes = (latent, latent // 2)  # the native size first: --quick measures only it
     else:
-        args = sail.Args(tiny=True, **sail.TINY_PRESET)
+        args = sail.Args(tiny=True, precision="fp32", **sail.TINY_PRESET)
         pipe = sail.load_pipeline(sail.tiny_base_model(options.pretrain_steps), device)
         latent_sizes = (8, 16, 32)
     sail.set_sampler(pipe, args)
-    bench = Bench(pipe, args, sail.read_seed_pairs(Path(__file__).parent / "seed_pairs.json"))
     rows = []
-    run(bench, options.quick, rows, latent_sizes)
+    with tempfile.TemporaryDirectory() as scratch:  # the DPO stage's metrics.jsonl
+        bench = Bench(pipe, args, sail.read_seed_pairs(Path(__file__).parent / "seed_pairs.json"),
+                      Path(scratch))
+        run(bench, options.quick, rows, latent_sizes)
     out.mkdir(parents=True)
     write(out, rows, device, args)
     print((out / "results.md").read_text())

@@ -84,6 +84,7 @@ def parse(argv):
     try:
         config = json.loads((run / "config.json").read_text())
         args = sail.Args(**{k: v for k, v in config.items() if k in sail.Args.__dataclass_fields__})
+        args.precision = args.precision or "fp32"  # runs of an older sail.py did not record it
     except (OSError, json.JSONDecodeError, TypeError) as error:
         raise sail.InputError(f"{run}: not a sail.py run folder (config.json: {error})")
     stages = sorted((p.parent.name for p in run.glob("iter_*/unet")), key=lambda s: int(s[5:]))

@@ -33,11 +33,14 @@ Run it:
     python sail.py --tiny --iters 2       # the tiny world anywhere (2 CPU cores: ~30 s, plus ~2.5
                                           # min once to pretrain and cache the tiny base model)
     python sail.py --model ./my-sd15 ...  # any local diffusers folder or hub id
+    python sail.py --resume runs/sd-...   # continue a killed or Ctrl-C'd run where it stopped
+    torchrun --nproc_per_node=8 sail.py   # 8 GPUs: generation, ranking and DPO split 8 ways
     python sail.py --help                 # every setting with its paper value
 
 Sections, in the order a run executes them: 1 settings, 2 loading models, 3 the tiny world
-(plumbing a real-SD reader can skip), 4 data, 5 Diffusion-DPO loss, 6 implicit reward,
-7 self-labelling, 8 ranked mixup, 9 training, 10 the SAIL loop, 11 main.
+(plumbing a real-SD reader can skip), 4 data, 5 the run folder (resume, torchrun; plumbing),
+6 Diffusion-DPO loss, 7 implicit reward, 8 self-labelling, 9 ranked mixup, 10 training,
+11 the SAIL loop, 12 main.
 """
 
 import os
@@ -47,12 +50,15 @@ import os
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
+import contextlib
 import copy
+import datetime
 import hashlib
 import json
 import math
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -74,6 +80,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPip
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, HfArgumentParser
 
 diffusers.utils.logging.disable_progress_bar()
+diffusers.utils.logging.set_verbosity_error()  # also when diffusers was imported before sail
 transformers.utils.logging.disable_progress_bar()
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -158,6 +165,21 @@ class Args:
                 "pair ('all-labels DPO', the paper's full-human-data reference)"})
     make_seed_pairs: bool = field(default=False, metadata={
         "help": "tiny world only: write the tiny world's seed pairs to --seed-pairs and exit"})
+    # --- a long job: resume, memory (plumbing; none of these changes the algorithm)
+    resume: Optional[str] = field(default=None, metadata={
+        "help": "continue the interrupted run in this folder where it stopped (its config.json "
+                "holds every setting; a flag given again must agree with it)"})
+    checkpoint_every: int = field(default=50, metadata={
+        "help": "write a training checkpoint every this many DPO steps (generation saves its "
+                "progress after every batch of prompts)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "keep the newest this many checkpoints"})
+    precision: Optional[Literal["fp32", "bf16", "fp16"]] = field(default=None, metadata={
+        "help": "dtype of the frozen models (reference UNets, VAE, text encoders) and of autocast "
+                "while the trained UNet (fp32 weights) runs (default: bf16 on a GPU that has it, "
+                "else fp32)"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute the trained UNet's activations in the backward pass: less memory, "
+                "about 30 percent more time per DPO step"})
 
 
 # The tiny world overrides what a 1M-parameter model on 16x16 images needs; everything else keeps
@@ -166,7 +188,7 @@ class Args:
 # draws the prompted colour and shape in 65% of samples at CFG 4, 52% at CFG 2 (DDIM 10 steps).
 TINY_PRESET = dict(resolution=16, sampler="ddim", sample_steps=10, guidance_scale=4.0,
                    effective_batch=16, micro_batch=16, lr=3e-5, dpo_steps=40, prompts_per_iter=18,
-                   generation_batch=144)
+                   generation_batch=144, checkpoint_every=10)
 
 
 # SDXL: the paper's SDXL settings (SPEC section 3): 2 iterations, Adafactor, DDIM 20 steps, CFG 5.
@@ -195,20 +217,53 @@ def pipeline_class(model):
     return name
 
 
+def read_run_config(folder):
+    """The settings a run folder was started with (its config.json), for --resume."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"--resume {folder}: not a sail.py run folder ({path}: {error})")
+    missing = [name for name in Args.__dataclass_fields__ if name not in config]
+    if missing:
+        raise InputError(f"--resume {folder}: {path} lacks {', '.join(missing)}: not a run "
+                         "of this sail.py")
+    return {name: config[name] for name in Args.__dataclass_fields__ if name != "out"}
+
+
+# Flags a resumed run may change: they decide how the work is split and saved, not what it computes.
+RESUME_MAY_CHANGE = ("resume", "out", "checkpoint_every", "keep_checkpoints", "micro_batch",
+                     "generation_batch", "reward_batch")
+
+
 def parse_args(argv):
     """Parse the command line; the world (tiny, SD or SDXL) decides the defaults, then validate."""
     explicit_model = any(a == "--model" or a.startswith("--model=") for a in argv)
     parser = HfArgumentParser(Args)
     args, = parser.parse_args_into_dataclasses(argv)
-    if not args.tiny and not explicit_model and not torch.cuda.is_available():
-        args.tiny = True  # no GPU and no model asked for: the embedded tiny world
-    # Parse again with the world's preset as defaults: flags given on the command line still win.
-    parser.set_defaults(**(TINY_PRESET if args.tiny else PRESETS[pipeline_class(args.model)]),
-                        tiny=args.tiny)
-    args, = parser.parse_args_into_dataclasses(argv)
+    if args.resume:
+        # A resumed run takes every setting from its config.json; flags given again must agree.
+        saved = read_run_config(args.resume)
+        parser.set_defaults(**saved)
+        args, = parser.parse_args_into_dataclasses(argv)
+        changed = [f"--{name.replace('_', '-')} {getattr(args, name)} (the run has {saved[name]})"
+                   for name in saved if name not in RESUME_MAY_CHANGE
+                   and getattr(args, name) != saved[name]]
+        if changed or (args.out and Path(args.out) != Path(args.resume)):
+            raise InputError(f"--resume {args.resume}: a resumed run keeps its settings: "
+                             + "; ".join(changed or [f"--out {args.out}"]))
+        args.out = args.resume
+    else:
+        if not args.tiny and not explicit_model and not torch.cuda.is_available():
+            args.tiny = True  # no GPU and no model asked for: the embedded tiny world
+        # Parse again with the world's preset as defaults: flags given on the command line win.
+        parser.set_defaults(**(TINY_PRESET if args.tiny else PRESETS[pipeline_class(args.model)]),
+                            tiny=args.tiny)
+        args, = parser.parse_args_into_dataclasses(argv)
     # Derived values, filled in once here so every later line reads them from args.
     if args.lr is None:
         args.lr = 1e-8 * args.effective_batch  # Diffusion-DPO: 1e-8 x effective batch
+    args.precision = args.precision or default_precision()
     checks = [
         (args.iters >= 0, "--iters must be >= 0"),
         (args.n_candidates >= 2, "--n-candidates (N) must be >= 2 to form a pair"),
@@ -227,6 +282,8 @@ def parse_args(argv):
         (args.sample_steps >= 1, "--sample-steps must be >= 1"),
         (args.generation_batch >= 1 and args.reward_batch >= 1, "batch sizes must be >= 1"),
         (args.pretrain_steps >= 1, "--pretrain-steps must be >= 1"),
+        (args.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
+        (args.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),
         (args.tiny or not args.oracle_labels, "--oracle-labels needs the tiny world's annotator"),
     ]
     for ok, message in checks:
@@ -288,18 +345,50 @@ def map_cond(fn, cond):
             for name, value in cond.items()}
 
 
-def encode_images(vae, images):
-    """Images (B, 3, H, W) in [-1, 1] -> latents x_0 (B, 4, H/f, W/f), scaled as the UNet expects."""
+def encode_images(vae, images, noise):
+    """Images (B, 3, H, W) in [-1, 1] -> latents x_0 (B, 4, H/f, W/f), scaled as the UNet expects.
+
+    x_0 is a sample of the VAE's posterior, mean + std * noise: latent_dist.sample() of the
+    Diffusion-DPO official code, with the (B, 4, h, w) noise passed in so that a resumed run and
+    every process of a multi-GPU run draw the same one.
+    """
     with torch.no_grad():
-        # latent_dist.sample() as in the Diffusion-DPO official code
-        return vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
+        posterior = vae.encode(images.to(vae.dtype)).latent_dist
+        x0 = posterior.mean.float() + posterior.std.float() * noise.to(images.device)
+    return x0 * vae.config.scaling_factor
 
 
 def decode_latents(vae, latents):
-    """Latents (B, 4, h, w) -> images (B, 3, H, W) in [0, 1]."""
+    """Latents (B, 4, h, w) -> images (B, 3, H, W) in [0, 1], float32."""
     with torch.no_grad():
-        images = vae.decode(latents / vae.config.scaling_factor).sample  # (B, 3, H, W) in [-1, 1]
-    return (images / 2 + 0.5).clamp(0, 1)
+        images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample  # in [-1, 1]
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+# Memory (issue: one GPU must be enough). Frozen models -- the reference UNets, the VAE and the
+# text encoders -- are stored in --precision; the trained UNet keeps fp32 weights (AdamW updates of
+# lr x grad are far below bf16's resolution) and its forward passes run under autocast.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_precision():
+    """bf16 on a GPU that has it (A100, H100, RTX 30xx and later), else fp32."""
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def cast_frozen_models(pipe, precision):
+    """Text encoders and VAE to `precision`; a VAE whose config asks to stay fp32 (force_upcast:
+    SD's and SDXL's VAEs overflow in fp16) stays fp32 in fp16 runs."""
+    dtype = DTYPES[precision]
+    for name, part in pipe.components.items():
+        if isinstance(part, torch.nn.Module) and name != "unet":
+            upcast = name == "vae" and dtype == torch.float16 and part.config.force_upcast
+            part.to(torch.float32 if upcast else dtype)
+
+
+def autocast(device, precision):
+    """Mixed precision for the UNets' forward passes: matmuls and convolutions in `precision`."""
+    return torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
 
 
 # =================================================================================================
@@ -481,11 +570,12 @@ def pretrain_tiny_pipeline(pipe, steps, seed):
     for _ in tqdm(range(steps), desc="tiny world: pretrain base model", leave=False):
         prompts, images = world_batch(32)
         prompts = ["" if torch.rand(1, generator=generator) < 0.15 else p for p in prompts]
-        x0 = encode_images(vae, images)                                      # (32, 4, 8, 8)
+        # the posterior's noise from the global RNG (seeded above), as latent_dist.sample() draws it
+        x0 = encode_images(vae, images, torch.randn(32, 4, 8, 8))            # (32, 4, 8, 8)
         cond = encode_text(pipe, prompts, TINY_SIZE)                          # (32, 8, 32)
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (32,), generator=generator)
-        loss = denoising_error(pipe.unet, pipe.scheduler, x0, noise, t, cond).mean()  # section 5
+        loss = denoising_error(pipe.unet, pipe.scheduler, x0, noise, t, cond).mean()  # section 6
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -644,16 +734,162 @@ def save_image(image, path):
     to_pil(image).save(path)
 
 
-def pair_batches(pairs, batch_size, generator):
-    """Endless shuffled batches of pairs; every pair is seen once per pass."""
-    while True:
-        order = torch.randperm(len(pairs), generator=generator).tolist()
-        for start in range(0, len(order), batch_size):
-            yield [pairs[i] for i in order[start:start + batch_size]]
+# =================================================================================================
+# 5. The run: randomness, files, resume, processes                               (plumbing)
+# =================================================================================================
+# A paper-sized run takes hours: it must survive a kill, and may be spread over GPUs (torchrun).
+# Three rules make both exact rather than approximate:
+#   1. every random draw comes from a generator seeded by what it is for (`seeded`): candidate c
+#      of prompt j, step s of a DPO stage. No draw depends on what ran before it, in this process
+#      or another, so resuming or splitting the work never changes a number;
+#   2. every state file is written whole or not at all (a temporary name, then a rename);
+#   3. only process 0 writes; the others wait for it where they read what it wrote.
+
+def seeded(seed, *keys):
+    """The generator of one unit of work, e.g. seeded(0, "iter_1", "candidate", 17, 3)."""
+    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: the run saved its progress; main() exits with 130."""
+
+
+class TrainingDiverged(Exception):
+    """A NaN or inf loss: main() exits with 3, keeping the last good checkpoint."""
+
+
+def setup_processes():
+    """(rank, world size, device). Under torchrun: one process per GPU (NCCL), or per CPU (gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    # generous timeout: the other processes wait while process 0 evaluates and saves a stage
+    torch.distributed.init_process_group(backend, timeout=datetime.timedelta(hours=2))
+    return torch.distributed.get_rank(), world, device
+
+
+class Run:
+    """A run's output folder and the processes working on it.
+
+        out/config.json                      every setting: what --resume reads
+        out/metrics.jsonl                    one line per DPO step and per stage summary
+        out/<stage>/summary.json             written last: the stage is finished
+        out/iter_<i>/labelling.json          self-labelling progress: prompts done, pairs so far
+        out/checkpoints/<stage>-step<s>.pt   mid-stage UNet + optimizer, the newest --keep-checkpoints
+    """
+
+    def __init__(self, out, args, rank=0, world=1, device=torch.device("cpu")):
+        self.out, self.args = Path(out), args
+        self.rank, self.world, self.device, self.main = rank, world, device, rank == 0
+        self.stages = ["base"] + [f"iter_{i}" for i in range(args.iters + 1)]
+        self.stop = False  # set by Ctrl-C or SIGTERM, acted on at the next safe point
+        self.log_file = None
+
+    # --- files: process 0 writes, every process reads
+    def write(self, path, save):
+        """Process 0 writes `path` whole or not at all: save(temporary path), then a rename."""
+        if self.main:
+            temporary = path.with_name(path.name + ".tmp")
+            save(temporary)
+            os.replace(temporary, path)  # atomic: a kill leaves the old file or the new one
+
+    def write_json(self, path, value):
+        self.write(path, lambda temporary: temporary.write_text(json.dumps(value, indent=1) + "\n"))
+
+    def log(self, record):
+        if self.main:
+            self.log_file.write(json.dumps(record) + "\n")
+            self.log_file.flush()
+
+    def finished(self, stage):
+        return (self.out / stage / "summary.json").exists()
+
+    def save_checkpoint(self, stage, state):
+        """state: {"step", "unet", "optimizer", ...}; keeps the newest --keep-checkpoints files."""
+        folder = self.out / "checkpoints"
+        folder.mkdir(exist_ok=True)
+        self.write(folder / f"{stage}-step{state['step']:06d}.pt",
+                   lambda temporary: torch.save(state, temporary))
+        if self.main:
+            order = {name: i for i, name in enumerate(self.stages)}
+            saved = sorted(folder.glob("*-step*.pt"),
+                           key=lambda path: (order[path.stem.split("-step")[0]], path.stem))
+            for path in saved[:-self.args.keep_checkpoints]:
+                path.unlink()
+
+    def load_checkpoint(self, stage):
+        """The newest checkpoint of `stage`, or None."""
+        saved = sorted((self.out / "checkpoints").glob(f"{stage}-step*.pt"))  # zero-padded steps
+        return torch.load(saved[-1], map_location="cpu", weights_only=True) if saved else None
+
+    def open_log(self):
+        """Open metrics.jsonl. Resuming, first drop the lines logged after the saved state the run
+        continues from (they will be logged again), so the log reads as one uninterrupted run."""
+        path = self.out / "metrics.jsonl"
+        if self.main and path.exists():
+            current = next((stage for stage in self.stages if not self.finished(stage)), None)
+            checkpoint = self.load_checkpoint(current) if current else None
+            last_step = checkpoint["step"] if checkpoint else 0
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by the kill
+                    continue
+                if record["stage"] != current or record.get("step", math.inf) <= last_step:
+                    kept.append(line + "\n")
+            self.write(path, lambda temporary: temporary.write_text("".join(kept)))
+        if self.main:
+            self.log_file = open(path, "a")
+        self.barrier()
+
+    # --- processes: every process calls these at the same points
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def gather(self, items):
+        """Every process's list of items, concatenated in rank order, in every process."""
+        if self.world == 1:
+            return items
+        lists = [None] * self.world
+        torch.distributed.all_gather_object(lists, items)
+        return [item for items in lists for item in items]
+
+    def mean(self, values):
+        """A tensor averaged over the processes."""
+        if self.world > 1:
+            values = values.to(self.device)
+            torch.distributed.all_reduce(values)
+            values = values.cpu() / self.world
+        return values
+
+    def stop_asked(self):
+        """Was any process asked to stop? All get the same answer, so all stop at the same step."""
+        flag = torch.tensor([float(self.stop)], device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def ask_to_stop(self, signum, frame):
+        """Signal handler: the first Ctrl-C (or SIGTERM) stops at the next safe point, a second at once."""
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+        if self.main:
+            print("\nstopping after the current step, saving progress (Ctrl-C again: stop at once)",
+                  file=sys.stderr, flush=True)
 
 
 # =================================================================================================
-# 5. Diffusion-DPO loss                                               (ALGORITHM: Eq. F, Eq. DPO)
+# 6. Diffusion-DPO loss                                               (ALGORITHM: Eq. F, Eq. DPO)
 # =================================================================================================
 
 def alpha_bar(scheduler, t, x0):
@@ -708,7 +944,7 @@ def dpo_loss(err_theta_w, err_theta_l, err_ref_w, err_ref_l, beta):
 
 
 # =================================================================================================
-# 6. Implicit reward                                                   (ALGORITHM: Eq. 8, Eq. 9)
+# 7. Implicit reward                                                   (ALGORITHM: Eq. 8, Eq. 9)
 # =================================================================================================
 
 def implicit_reward(unet, ref_unet, latents, text_emb, scheduler, beta, k, generator,
@@ -749,7 +985,7 @@ def preference_probability(reward_a, reward_b):
 
 
 # =================================================================================================
-# 7. Self-labelling: generate, rank, pair                                          (ALGORITHM)
+# 8. Self-labelling: generate, rank, pair                                          (ALGORITHM)
 # =================================================================================================
 
 def set_sampler(pipe, args):
@@ -759,10 +995,15 @@ def set_sampler(pipe, args):
 
 
 def generate(pipe, prompts, n, args, generator):
-    """n images for each prompt with the pipeline's own sampler -> latents (P*n, C, h, w)."""
-    return pipe(prompt=prompts, num_images_per_prompt=n, num_inference_steps=args.sample_steps,
-                guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution,
-                generator=generator, output_type="latent").images
+    """n images for each prompt with the pipeline's own sampler -> latents (P*n, C, h, w), float32.
+
+    `generator`: one generator, or a list with one per image (prompt-major) so that each image's
+    noise is its own, whatever else shares the batch.
+    """
+    with autocast(pipe.device, args.precision):
+        return pipe(prompt=prompts, num_images_per_prompt=n, num_inference_steps=args.sample_steps,
+                    guidance_scale=args.guidance_scale, height=args.resolution,
+                    width=args.resolution, generator=generator, output_type="latent").images.float()
 
 
 def best_worst_pair(rewards):
@@ -785,47 +1026,82 @@ def random_pair(rewards, generator):
     return (a, b) if preference_probability(rewards[a], rewards[b]) > 0.5 else (b, a)
 
 
-def self_label(pipe, judge_ref, prompts, args, folder, generator):
-    """Generate N candidates per prompt with the current model, judge them with Eq. 8, keep a pair.
+def judge_candidates(pipe, judge_ref, prompts, indices, args, stage):
+    """Generate N candidates per prompt with the current model, judge them with Eq. 8, pick a pair.
 
-    Returns pairs in the seed-pair format (images saved as PNG under `folder`) with their rewards
-    and confidence p(x_w > x_l) (Eq. 9). Prompts whose best and worst tie are skipped.
+    `indices` number the prompts within the whole prompt file: candidate c of prompt j always
+    comes from the generator (stage, j, c), however prompts are batched or split over processes.
+    Returns, per prompt, None on a tie or (images (2, 3, H, W) chosen then rejected, r_w, r_l, p).
     """
+    n = args.n_candidates
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # training-time noise schedule
-    per_call = max(1, args.generation_batch // args.n_candidates)
-    pairs, ties = [], 0
-    bar = tqdm(total=len(prompts), desc=f"{folder.name}: generate + rank", leave=False)
-    for start in range(0, len(prompts), per_call):
-        chunk = prompts[start:start + per_call]
-        latents = generate(pipe, chunk, args.n_candidates, args, generator)  # (P*N, C, h, w)
-        cond = encode_text(pipe, chunk, args.resolution)                     # (P, L, D)
-        for p, prompt in enumerate(chunk):
-            candidates = latents[p * args.n_candidates:(p + 1) * args.n_candidates]  # (N, C, h, w)
+    generators = [seeded(args.seed, stage, "candidate", j, c) for j in indices for c in range(n)]
+    latents = generate(pipe, prompts, n, args, generators)                # (P*N, C, h, w)
+    cond = encode_text(pipe, prompts, args.resolution)                    # (P, L, D)
+    found = []
+    for p, j in enumerate(indices):
+        candidates = latents[p * n:(p + 1) * n]                           # (N, C, h, w)
+        generator = seeded(args.seed, stage, "reward", j)
+        with autocast(pipe.device, args.precision):
             rewards = implicit_reward(pipe.unet, judge_ref, candidates,
                                       map_cond(lambda v: v[p:p + 1], cond), scheduler,
-                                      args.beta, args.k_draws, generator, args.reward_batch)
-            chosen = (best_worst_pair(rewards) if args.pairs == "best-worst"
-                      else random_pair(rewards, generator))
-            bar.update()
-            if chosen is None:
-                ties += 1
+                                      args.beta, args.k_draws, generator, args.reward_batch)  # (N,)
+        chosen = (best_worst_pair(rewards) if args.pairs == "best-worst"
+                  else random_pair(rewards, generator))
+        if chosen is None:
+            found.append(None)
+            continue
+        r_w, r_l = rewards[chosen[0]], rewards[chosen[1]]
+        images = decode_latents(pipe.vae, candidates[list(chosen)]).cpu()  # (2, 3, H, W)
+        found.append((images, r_w.item(), r_l.item(), preference_probability(r_w, r_l).item()))  # Eq. 9
+    return found
+
+
+def self_label(pipe, judge_ref, prompts, first_index, args, run, stage):
+    """Self-labelled pairs for one iteration: judge_candidates over every prompt, in rounds.
+
+    Each round gives every process `per_call` prompts; process 0 saves the pairs' images and the
+    progress (labelling.json) after each round, so a killed run resumes from the last round.
+    Returns the pairs in the seed-pair format with rewards and confidence, and the tie count.
+    """
+    folder = run.out / stage
+    progress_file = folder / "labelling.json"
+    progress = (json.loads(progress_file.read_text()) if progress_file.exists()
+                else {"prompts_done": 0, "ties": 0, "pairs": []})
+    per_call = max(1, args.generation_batch // args.n_candidates)  # prompts per pipeline call
+    bar = tqdm(total=len(prompts), initial=progress["prompts_done"], leave=False,
+               desc=f"{stage}: generate + rank", disable=not run.main)
+    for start in range(progress["prompts_done"], len(prompts), per_call * run.world):
+        mine = range(start + run.rank * per_call, min(start + (run.rank + 1) * per_call, len(prompts)))
+        found = (judge_candidates(pipe, judge_ref, [prompts[j] for j in mine],
+                                  [first_index + j for j in mine], args, stage) if mine else [])
+        done = min(start + per_call * run.world, len(prompts))
+        for prompt, result in zip(prompts[start:done], run.gather(found)):  # in prompt order
+            if result is None:
+                progress["ties"] += 1
                 continue
-            images = decode_latents(pipe.vae, candidates[list(chosen)])      # (2, 3, H, W)
-            index = len(pairs)
-            names = [f"pairs/{index:05d}_chosen.png", f"pairs/{index:05d}_rejected.png"]
-            for image, name in zip(images, names):
-                save_image(image, folder / name)
-            r_w, r_l = rewards[chosen[0]], rewards[chosen[1]]
-            pairs.append({"prompt": prompt, "chosen": str(folder / names[0]),
-                          "rejected": str(folder / names[1]), "reward_chosen": r_w.item(),
-                          "reward_rejected": r_l.item(),
-                          "confidence": preference_probability(r_w, r_l).item()})  # Eq. 9
+            images, r_w, r_l, confidence = result
+            names = [f"pairs/{len(progress['pairs']):05d}_{key}.png" for key in ("chosen", "rejected")]
+            if run.main:
+                for image, name in zip(images, names):
+                    save_image(image, folder / name)
+            progress["pairs"].append({"prompt": prompt, "chosen": names[0], "rejected": names[1],
+                                      "reward_chosen": r_w, "reward_rejected": r_l,
+                                      "confidence": confidence})
+        progress["prompts_done"] = done
+        run.write_json(progress_file, progress)
+        bar.update(done - start)
+        if run.stop_asked():
+            raise Interrupted(f"{stage}: after {done} of {len(prompts)} prompts")
     bar.close()
-    return pairs, ties
+    run.barrier()  # the pairs' images are on disk before any process trains on them
+    pairs = [{**pair, "chosen": str(folder / pair["chosen"]),
+              "rejected": str(folder / pair["rejected"])} for pair in progress["pairs"]]
+    return pairs, progress["ties"]
 
 
 # =================================================================================================
-# 8. Ranked preference mixup                                                       (ALGORITHM)
+# 9. Ranked preference mixup                                                       (ALGORITHM)
 # =================================================================================================
 
 def ranked_mixup(self_pairs, seed_pairs, alpha, rng, keep_top=1.0):
@@ -849,52 +1125,103 @@ def ranked_mixup(self_pairs, seed_pairs, alpha, rng, keep_top=1.0):
 
 
 # =================================================================================================
-# 9. Training: Diffusion-DPO on a list of pairs                                    (ALGORITHM)
+# 10. Training: Diffusion-DPO on a list of pairs                                   (ALGORITHM)
 # =================================================================================================
 
-def diffusion_dpo(pipe, ref_unet, pairs, args, stage, log, generator):
-    """Train pipe.unet (theta) with Eq. DPO against the frozen ref_unet; returns mean metrics."""
+def dpo_step_data(pairs, step, args, stage, latent_shape, timesteps):
+    """The global batch of optimizer step `step` and its random draws, the same in every process.
+
+    The batch is positions step*B .. step*B + B-1 of an endless sequence of shuffled passes over
+    `pairs`; pass e and step s have generators of their own, so no earlier step is replayed.
+    """
+    size, n = args.effective_batch, len(pairs)
+    positions = range(step * size, (step + 1) * size)
+    orders = {e: torch.randperm(n, generator=seeded(args.seed, stage, "pass", e)).tolist()
+              for e in {position // n for position in positions}}
+    batch = [pairs[orders[position // n][position % n]] for position in positions]
+    generator = seeded(args.seed, stage, "step", step)
+    # 20% empty prompts keep classifier-free guidance alive (Diffusion-DPO official)
+    dropped = (torch.rand(size, generator=generator) < args.cfg_dropout).tolist()
+    prompts = ["" if drop else pair["prompt"] for drop, pair in zip(dropped, batch)]
+    # Eq. DPO: winner and loser share the same t and the same eps (repeated in diffusion_dpo)
+    t = torch.randint(0, timesteps, (size,), generator=generator)                 # (B,)
+    noise = torch.randn((size, *latent_shape), generator=generator)                 # (B, C, h, w)
+    posterior_noise = torch.randn((2, size, *latent_shape), generator=generator)    # winners, losers
+    return batch, prompts, t, noise, posterior_noise
+
+
+def diffusion_dpo(pipe, ref_unet, pairs, args, stage, run):
+    """Train pipe.unet (theta) with Eq. DPO against the frozen ref_unet; returns mean metrics.
+
+    Each process takes its slice of every global batch of --effective-batch pairs, in micro-batches;
+    gradients accumulate over micro-batches and are averaged over processes (DDP). A stage with a
+    checkpoint continues from it.
+    """
     unet, vae, device = pipe.unet, pipe.vae, pipe.device
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    accumulate = args.effective_batch // args.micro_batch
     steps = args.dpo_steps or math.ceil(len(pairs) / args.effective_batch)
-    batches = pair_batches(pairs, args.micro_batch, generator)
+    per_process = args.effective_batch // run.world
+    micro = min(args.micro_batch, per_process)
+    latent_shape = (unet.config.in_channels, args.resolution // pipe.vae_scale_factor,
+                    args.resolution // pipe.vae_scale_factor)                    # (C, h, w)
     optimizer = make_optimizer(unet.parameters(), args)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 underflow
+    history, start = [], 0
+    checkpoint = run.load_checkpoint(stage)
+    if checkpoint:  # resume: weights, optimizer state and metrics as they were after that step
+        unet.load_state_dict(checkpoint["unet"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        history, start = checkpoint["history"], checkpoint["step"]
     unet.train().requires_grad_(True)
-    history = []
-    for step in tqdm(range(steps), desc=f"{stage}: Diffusion-DPO", leave=False):
-        metrics = []
-        for _ in range(accumulate):
-            batch = next(batches)
-            b = len(batch)
-            # 20% empty prompts keep classifier-free guidance alive (Diffusion-DPO official)
-            prompts = ["" if torch.rand(1, generator=generator) < args.cfg_dropout else p["prompt"]
-                       for p in batch]
-            images = torch.stack([load_image(p[key], args.resolution)
-                                  for key in ("chosen", "rejected") for p in batch])  # (2B, 3, R, R)
-            x0 = encode_images(vae, images.to(device))              # (2B, C, h, w): winners, losers
+    model = (torch.nn.parallel.DistributedDataParallel(unet) if run.world > 1 else unet)
+    for step in tqdm(range(start, steps), initial=start, total=steps, leave=False,
+                     desc=f"{stage}: Diffusion-DPO", disable=not run.main):
+        batch, prompts, t, noise, posterior_noise = dpo_step_data(
+            pairs, step, args, stage, latent_shape, scheduler.config.num_train_timesteps)
+        sums = torch.zeros(5)
+        mine = range(run.rank * per_process, (run.rank + 1) * per_process, micro)
+        for offset in mine:
+            part = slice(offset, offset + micro)
+            images = torch.stack([load_image(pair[key], args.resolution) for key in
+                                  ("chosen", "rejected") for pair in batch[part]])  # (2b, 3, R, R)
+            x0 = encode_images(vae, images.to(device),
+                               posterior_noise[:, part].flatten(0, 1))  # (2b, C, h, w): winners, losers
             cond = map_cond(lambda v: torch.cat([v, v]),
-                            encode_text(pipe, prompts, args.resolution))           # (2B, L, D)
-            # Eq. DPO: winner and loser share the same t and the same eps
-            noise = torch.randn((b, *x0.shape[1:]), generator=generator).to(device).repeat(2, 1, 1, 1)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (b,),
-                              generator=generator).to(device).repeat(2)           # (2B,)
-            err_theta = denoising_error(unet, scheduler, x0, noise, t, cond)      # (2B,)
-            with torch.no_grad():
-                err_ref = denoising_error(ref_unet, scheduler, x0, noise, t, cond)
-            loss, inside = dpo_loss(*err_theta.chunk(2), *err_ref.chunk(2), args.beta)
-            (loss / accumulate).backward()
+                            encode_text(pipe, prompts[part], args.resolution))     # (2b, L, D)
+            shared = (noise[part].to(device).repeat(2, 1, 1, 1), t[part].to(device).repeat(2))
+            # DDP averages gradients over processes at the last micro-batch's backward only
+            last = offset == mine[-1]
+            with (contextlib.nullcontext() if last or run.world == 1 else model.no_sync()):
+                with autocast(device, args.precision):
+                    err_theta = denoising_error(model, scheduler, x0, *shared, cond)  # (2b,)
+                    with torch.no_grad():
+                        err_ref = denoising_error(ref_unet, scheduler, x0, *shared, cond)
+                loss, inside = dpo_loss(*err_theta.chunk(2), *err_ref.chunk(2), args.beta)
+                scaler.scale(loss / len(mine)).backward()
             # TRL's names: rewards/chosen = -(beta/2)(err_theta_w - err_ref_w), one draw of Eq. 8
             r_w, r_l = (-(args.beta / 2) * (err_theta - err_ref).detach()).chunk(2)
-            metrics.append({"loss": loss.item(), "implicit_acc": (inside > 0).float().mean().item(),
-                            "rewards/chosen": r_w.mean().item(), "rewards/rejected": r_l.mean().item(),
-                            "rewards/margins": inside.detach().mean().item()})
+            sums += torch.tensor([loss.item(), (inside > 0).float().mean().item(),
+                                  r_w.mean().item(), r_l.mean().item(), inside.mean().item()])
+        values = run.mean(sums / len(mine))  # the same numbers in every process
+        record = dict(zip(("loss", "implicit_acc", "rewards/chosen", "rewards/rejected",
+                           "rewards/margins"), values.tolist()))
+        if not math.isfinite(record["loss"]):  # before the optimizer step: weights stay good
+            raise TrainingDiverged(f"{stage}: step {step + 1}: the DPO loss is {record['loss']}")
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)  # Diffusion-DPO official: clip at 1
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        record = {name: sum(m[name] for m in metrics) / len(metrics) for name in metrics[0]}
-        log({"stage": stage, "step": step + 1, **record})
+        run.log({"stage": stage, "step": step + 1, **record})
         history.append(record)
+        stop = run.stop_asked()
+        if (step + 1) % args.checkpoint_every == 0 or stop:
+            run.save_checkpoint(stage, {"step": step + 1, "unet": unet.state_dict(),
+                                        "optimizer": optimizer.state_dict(),
+                                        "scaler": scaler.state_dict(), "history": history})
+        if stop:
+            raise Interrupted(f"{stage}: after DPO step {step + 1} of {steps}")
     unet.eval().requires_grad_(False)
     return {name: sum(h[name] for h in history) / len(history) for name in history[0]}
 
@@ -907,13 +1234,13 @@ def make_optimizer(params, args):
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
 
 
-def frozen_copy(unet):
-    """A frozen reference model: no gradients, never trained (Eq. DPO's ref)."""
-    return copy.deepcopy(unet).eval().requires_grad_(False)
+def frozen_copy(unet, precision="fp32"):
+    """A frozen reference model: no gradients, never trained (Eq. DPO's ref), in --precision."""
+    return copy.deepcopy(unet).eval().requires_grad_(False).to(DTYPES[precision])
 
 
 # =================================================================================================
-# 10. The SAIL loop                                                                (ALGORITHM)
+# 11. The SAIL loop                                                               (ALGORITHM)
 # =================================================================================================
 
 EVAL_SEEDS = 4  # images per evaluation prompt after each stage (the same noise at every stage)
@@ -922,8 +1249,9 @@ EVAL_SEEDS = 4  # images per evaluation prompt after each stage (the same noise 
 def evaluate(pipe, args, folder, eval_prompts):
     """Sample the fixed evaluation prompts with fixed seeds, save a grid; score them in the tiny
     world with the hidden annotator (never seen by SAIL)."""
-    generator = torch.Generator().manual_seed(args.seed + 1)  # the same noise at every stage
-    latents = generate(pipe, eval_prompts, EVAL_SEEDS, args, generator)
+    generators = [seeded(args.seed, "evaluation", i)  # the same noise at every stage
+                  for i in range(len(eval_prompts) * EVAL_SEEDS)]
+    latents = generate(pipe, eval_prompts, EVAL_SEEDS, args, generators)
     images = decode_latents(pipe.vae, latents)                 # (E*S, 3, H, W)
     save_grid(images, EVAL_SEEDS, folder / "grid.png")
     if not args.tiny:
@@ -945,75 +1273,95 @@ def save_grid(images, seeds, path, tile=64):
     save_image(grid.reshape(3, seeds * tile, prompts * tile), path)
 
 
-def sail(args, pipe, seed_pairs, prompts, out, log):
-    """Step 0 and `args.iters` SAIL iterations; writes every stage under `out`."""
-    rng = random.Random(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
+def sail(args, pipe, seed_pairs, prompts, run):
+    """Step 0 and `args.iters` SAIL iterations, every stage written under run.out.
+
+    A resumed run skips the finished stages and continues the first unfinished one from its saved
+    progress (labelling.json, then the newest checkpoint).
+    """
     set_sampler(pipe, args)
     eval_prompts = TINY_PROMPTS if args.tiny else prompts[:4]
-    base_unet = frozen_copy(pipe.unet)
+    # eps_base, frozen. Kept on the CPU: the device needs it only to rank candidates (Eq. 8).
+    base_unet = frozen_copy(pipe.unet, args.precision).to("cpu")
 
     def finish_stage(name, started, summary):
-        folder = out / name
-        folder.mkdir(exist_ok=True)
-        if name != "base":
-            pipe.unet.save_pretrained(folder / "unet")  # loads with UNet2DConditionModel.from_pretrained
-        summary.update(evaluate(pipe, args, folder, eval_prompts))
-        summary["seconds"] = round(time.time() - started, 1)
-        log({"stage": name, "event": "summary", **summary})
-        print(" | ".join([name] + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                   for k, v in summary.items()]), flush=True)
+        if run.main:
+            folder = run.out / name
+            folder.mkdir(exist_ok=True)
+            if name != "base":  # loads with UNet2DConditionModel.from_pretrained
+                pipe.unet.save_pretrained(folder / "unet")
+            summary.update(evaluate(pipe, args, folder, eval_prompts))
+            summary["seconds"] = round(time.time() - started, 1)
+            run.log({"stage": name, "event": "summary", **summary})
+            run.write_json(folder / "summary.json", summary)  # last: the stage is finished
+            print(" | ".join([name] + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in summary.items()]), flush=True)
+        run.barrier()
 
-    finish_stage("base", time.time(), {})
+    def saved_unet(stage):  # a finished stage's model, fp32 as saved
+        return UNet2DConditionModel.from_pretrained(run.out / stage / "unet")
+
+    finished = [stage for stage in run.stages[1:] if run.finished(stage)]
+    if finished:  # resuming: the current model is the last finished stage's
+        pipe.unet.load_state_dict(saved_unet(finished[-1]).state_dict())
+    if not run.finished("base"):
+        finish_stage("base", time.time(), {})
 
     # Step 0: Diffusion-DPO on the human seed pairs, init = ref = base
-    started = time.time()
-    summary = diffusion_dpo(pipe, base_unet, seed_pairs, args, "iter_0", log, generator)
-    finish_stage("iter_0", started, {"pairs": len(seed_pairs), **summary})
+    if not run.finished("iter_0"):
+        started = time.time()
+        summary = diffusion_dpo(pipe, base_unet.to(pipe.device), seed_pairs, args, "iter_0", run)
+        base_unet.to("cpu")
+        finish_stage("iter_0", started, {"pairs": len(seed_pairs), **summary})
 
-    prev_ref = base_unet  # the DPO reference of the round just finished
     per_iter = args.prompts_per_iter or len(prompts) // max(args.iters, 1)
     for i in range(1, args.iters + 1):
+        stage = f"iter_{i}"
+        if run.finished(stage):
+            continue
         started = time.time()
-        folder = out / f"iter_{i}"
-        (folder / "pairs").mkdir(parents=True)
-        # Eq. 8's reference: the base model (default) or the last round's DPO reference (SPEC 2c)
-        judge_ref = base_unet if args.reward_ref == "base" else prev_ref
-        new_prompts = prompts[(i - 1) * per_iter:i * per_iter]  # fresh, disjoint from earlier ones
+        folder = run.out / stage
+        (folder / "pairs").mkdir(parents=True, exist_ok=True)
+        # Eq. 8's reference: the base model (default), or the previous round's DPO reference, the
+        # model that round i-1 started from (SPEC 2c)
+        judge_ref = (base_unet if args.reward_ref == "base" or i < 2
+                     else frozen_copy(saved_unet(f"iter_{i - 2}"), args.precision))
+        first = (i - 1) * per_iter
+        new_prompts = prompts[first:i * per_iter]  # fresh, disjoint from earlier iterations'
         self_pairs, ties, extra = [], 0, {}
         if args.pairs != "none":  # "none": the iterative seed-only DPO control, seed pairs only
-            self_pairs, ties = self_label(pipe, judge_ref, new_prompts, args, folder, generator)
+            self_pairs, ties = self_label(pipe, judge_ref.to(pipe.device), new_prompts, first,
+                                          args, run, stage)
             if args.tiny and self_pairs:  # hidden from SAIL: does the annotator agree?
                 extra["self_label_acc"] = annotator_agrees(self_pairs).float().mean().item()
             if args.oracle_labels:
                 self_pairs = annotator_relabel(self_pairs)
-        (folder / "pairs.json").write_text(json.dumps(
-            [{**p, "chosen": os.path.relpath(p["chosen"], folder),
-              "rejected": os.path.relpath(p["rejected"], folder)} for p in self_pairs], indent=1))
-        mixed = (ranked_mixup(self_pairs, seed_pairs, args.mix_alpha, rng, args.keep_top)
+        judge_ref.to("cpu")
+        run.write_json(folder / "pairs.json", [
+            {**p, "chosen": os.path.relpath(p["chosen"], folder),
+             "rejected": os.path.relpath(p["rejected"], folder)} for p in self_pairs])
+        mixed = (ranked_mixup(self_pairs, seed_pairs, args.mix_alpha,
+                              random.Random(f"{args.seed}-{stage}"), args.keep_top)
                  if self_pairs else list(seed_pairs))
         n_self = sum(1 for p in mixed if "confidence" in p)
-        if args.pairs != "none" and not self_pairs:
-            print(f"note: iteration {i}: every prompt tied; training on the seed pairs only",
-                  flush=True)
-        if len(mixed) - n_self > len(seed_pairs):
-            print(f"note: iteration {i} needs {len(mixed) - n_self} seed pairs but there are "
+        if run.main and args.pairs != "none" and not self_pairs:
+            print(f"note: {stage}: every prompt tied; training on the seed pairs only", flush=True)
+        if run.main and len(mixed) - n_self > len(seed_pairs):
+            print(f"note: {stage} needs {len(mixed) - n_self} seed pairs but there are "
                   f"{len(seed_pairs)}: drawing them with replacement", flush=True)
         # Iteration i: Diffusion-DPO from the current model, the current model as reference
-        ref_unet = frozen_copy(pipe.unet)
-        summary = diffusion_dpo(pipe, ref_unet, mixed, args, f"iter_{i}", log, generator)
-        finish_stage(f"iter_{i}", started, {"self_pairs": n_self, "seed_pairs": len(mixed) - n_self,
-                                            "ties": ties, **summary, **extra})
-        # keep a third frozen UNet in memory only when the next reward needs it
-        prev_ref = ref_unet if args.reward_ref == "prev" else base_unet
+        ref_unet = frozen_copy(pipe.unet, args.precision)
+        summary = diffusion_dpo(pipe, ref_unet, mixed, args, stage, run)
         del ref_unet
+        finish_stage(stage, started, {"self_pairs": n_self, "seed_pairs": len(mixed) - n_self,
+                                      "ties": ties, **summary, **extra})
 
 
 # =================================================================================================
-# 11. Main                                                                       (plumbing)
+# 12. Main                                                                      (plumbing)
 # =================================================================================================
 
-def prepare(args):
+def prepare(args, world):
     """Every check that can fail on user input, before anything is written."""
     seed_pairs = read_seed_pairs(args.seed_pairs)
     prompts = read_prompts(args.prompts)
@@ -1029,52 +1377,121 @@ def prepare(args):
     if len(prompts) < needed:
         raise InputError(f"{args.prompts}: {len(prompts)} prompts, but {args.iters} iterations x "
                          f"{args.prompts_per_iter or 1} prompts need {needed}")
-    out = Path(args.out or f"runs/{'tiny' if args.tiny else 'sd'}-{time.strftime('%Y%m%d-%H%M%S')}")
+    per_process = args.effective_batch // world
+    if args.effective_batch % world or per_process % min(args.micro_batch, per_process):
+        raise InputError(f"--effective-batch {args.effective_batch} must split evenly over {world} "
+                         f"process(es), and each share into --micro-batch {args.micro_batch} pairs")
+    if args.resume:
+        return seed_pairs, prompts, Path(args.resume)  # parse_args read its config.json
+    name = [args.out or f"runs/{'tiny' if args.tiny else 'sd'}-{time.strftime('%Y%m%d-%H%M%S')}"]
+    if world > 1:  # the default name holds a time: every process takes process 0's
+        torch.distributed.broadcast_object_list(name, src=0)
+    out = Path(name[0])
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"--out {out}: already exists and is not empty; choose a new folder")
+    parent = next(folder for folder in out.absolute().parents if folder.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise InputError(f"--out {out}: cannot create it, {parent} is not a writable folder")
     return seed_pairs, prompts, out
+
+
+def check_disk_space(out, unet, args):
+    """Refuse to start a run the disk cannot hold: a UNet per stage plus the kept checkpoints."""
+    unet_bytes = 4 * sum(p.numel() for p in unet.parameters())                   # fp32
+    optimizer_states = 2 if args.optimizer == "adamw" else 1  # AdamW: 2 moments; Adafactor: <= 1
+    checkpoints = (args.keep_checkpoints + 1) * (1 + optimizer_states)  # + 1 while the next is written
+    needed = unet_bytes * (args.iters + 1 + checkpoints)
+    free = shutil.disk_usage(next(f for f in [out, *out.absolute().parents] if f.exists())).free
+    if needed > free:
+        raise InputError(f"--out {out}: the run writes about {needed / 1e9:.1f} GB (a UNet per "
+                         f"stage, {args.keep_checkpoints} checkpoints) but {free / 1e9:.1f} GB "
+                         "are free")
+
+
+def base_model(args, run):
+    """The model to align: a hub id or folder, or the tiny world's base (pretrained once and
+    cached; each run keeps a copy, which --resume uses)."""
+    if not args.tiny:
+        return args.model
+    if args.resume:
+        return str(run.out / "tiny_base")
+    if run.main:
+        tiny_base_model(args.pretrain_steps)  # pretrains it unless it is cached
+    run.barrier()                             # the other processes wait, then read the cache
+    return tiny_base_model(args.pretrain_steps)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     started = time.time()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, device = setup_processes()
+    say = print if rank == 0 else (lambda *_, **__: None)  # one voice for all processes
     try:
         args = parse_args(argv)
         # The first line says which world this run is in, and why.
         if args.tiny:
-            why = "--tiny" if "--tiny" in argv else "no GPU found; pass --model to force a real model"
-            print(f"sail: embedded tiny world ({why}): 16x16 shapes, simulated annotator, {device}")
+            why = ("--tiny" if "--tiny" in argv else "--resume" if args.resume
+                   else "no GPU found; pass --model to force a real model")
+            say(f"sail: embedded tiny world ({why}): 16x16 shapes, simulated annotator, {device}")
         else:
-            print(f"sail: {args.model} on {device}")
+            say(f"sail: {args.model} on {device}")
         if args.make_seed_pairs:
             make_tiny_seed_pairs(args.seed_pairs, args.seed)
             return 0
-        seed_pairs, prompts, out = prepare(args)
-        model = tiny_base_model(args.pretrain_steps) if args.tiny else args.model
+        seed_pairs, prompts, out = prepare(args, world)
+        run = Run(out, args, rank, world, device)
+        model = base_model(args, run)
         pipe = load_pipeline(model, device)
+        check_disk_space(out, pipe.unet, args)
     except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
+        say(f"error: {error}", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.tiny:
-        shutil.copytree(model, out / "tiny_base")  # the run folder is self-contained
-    config = {**asdict(args), "model_path": str(out / "tiny_base") if args.tiny else args.model,
-              "device": str(device), "torch": torch.__version__, "diffusers": diffusers.__version__,
-              "transformers": transformers.__version__}
-    (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
-    print(f"writing to {out}; reward reference: {args.reward_ref}; lr {args.lr:.3g}; "
-          f"N={args.n_candidates} K={args.k_draws} beta={args.beta:g} alpha={args.mix_alpha:g}",
-          flush=True)
-    with open(out / "metrics.jsonl", "a") as metrics_file:
-        def log(record):
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-        sail(args, pipe, seed_pairs, prompts, out, log)
-    print(f"done in {time.time() - started:.0f} s: {out}")
+    if run.main and not args.resume:
+        out.mkdir(parents=True, exist_ok=True)
+        if args.tiny:
+            shutil.copytree(model, out / "tiny_base")  # the run folder is self-contained
+        config = {**asdict(args), "model_path": str(out / "tiny_base") if args.tiny else args.model,
+                  "device": str(device), "processes": world, "torch": torch.__version__,
+                  "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+        run.write_json(out / "config.json", config)
+    run.barrier()
+    cast_frozen_models(pipe, args.precision)
+    if args.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    say(f"{'resuming' if args.resume else 'writing to'} {out}; reward reference: "
+        f"{args.reward_ref}; lr {args.lr:.3g}; N={args.n_candidates} K={args.k_draws} "
+        f"beta={args.beta:g} alpha={args.mix_alpha:g}; {args.precision}; {world} process(es)",
+        flush=True)
+    run.open_log()
+    handlers = {sig: signal.signal(sig, run.ask_to_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        sail(args, pipe, seed_pairs, prompts, run)
+    except (Interrupted, KeyboardInterrupt) as stopped:
+        say(f"stopped{f': {stopped}' if str(stopped) else ''}; the last saved progress is kept; "
+            f"continue with: python sail.py --resume {out}", file=sys.stderr)
+        return 130
+    except TrainingDiverged as error:
+        kept = sorted((out / "checkpoints").glob("*.pt"))
+        say(f"error: {error}; lower --lr or use --precision fp32. The last good checkpoint is "
+            f"kept: {kept[-1] if kept else 'none yet (the previous stage is saved)'}",
+            file=sys.stderr)
+        return 3
+    except OSError as error:  # disk full, folder removed...: progress up to the last save is kept
+        say(f"error: writing {out} failed: {error}; fix it, then: python sail.py --resume {out}",
+            file=sys.stderr)
+        return 1
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if run.log_file:
+            run.log_file.close()
+    say(f"done in {time.time() - started:.0f} s: {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    sys.exit(code)

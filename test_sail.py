@@ -159,7 +159,18 @@ def test_dpo_loss_matches_independent_computation_with_beta_over_two():
     assert loss.item() == pytest.approx(expected, rel=1e-9)
 
 
-def test_diffusion_dpo_gives_winner_and_loser_the_same_t_and_noise(pipe, monkeypatch):
+def dpo_run(folder, args):
+    """A Run for calling diffusion_dpo directly; its metrics.jsonl lines are the step records."""
+    run = sail.Run(folder, args)
+    run.open_log()
+    return run
+
+
+def logged(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_diffusion_dpo_gives_winner_and_loser_the_same_t_and_noise(pipe, monkeypatch, tmp_path):
     calls = []
     real = sail.denoising_error
 
@@ -168,12 +179,12 @@ def test_diffusion_dpo_gives_winner_and_loser_the_same_t_and_noise(pipe, monkeyp
         return real(unet, scheduler, x0, noise, t, cond)
 
     monkeypatch.setattr(sail, "denoising_error", spy)
-    args = sail.Args(tiny=True, **{**sail.TINY_PRESET, "dpo_steps": 1, "micro_batch": 4,
-                                   "effective_batch": 4})
+    args = sail.Args(tiny=True, precision="fp32", **{**sail.TINY_PRESET, "dpo_steps": 1,
+                                                     "micro_batch": 4, "effective_batch": 4})
     pairs = sail.read_seed_pairs(HERE / "seed_pairs.json")[:4]
     theta = copy.deepcopy(pipe)
-    sail.diffusion_dpo(theta, sail.frozen_copy(pipe.unet), pairs, args, "test", lambda r: None,
-                       torch.Generator().manual_seed(0))
+    sail.diffusion_dpo(theta, sail.frozen_copy(pipe.unet), pairs, args, "iter_0",
+                       dpo_run(tmp_path, args))
     assert len(calls) == 2  # theta and ref, each once on the concatenated (winners, losers) batch
     for x0, noise, t in calls:
         b = x0.shape[0] // 2
@@ -182,15 +193,15 @@ def test_diffusion_dpo_gives_winner_and_loser_the_same_t_and_noise(pipe, monkeyp
     assert torch.equal(calls[0][1], calls[1][1]) and torch.equal(calls[0][2], calls[1][2])
 
 
-def test_diffusion_dpo_trains_theta_and_leaves_ref_frozen(pipe):
-    args = sail.Args(tiny=True, **{**sail.TINY_PRESET, "dpo_steps": 2, "micro_batch": 4,
-                                   "effective_batch": 8, "lr": 1e-3})
+def test_diffusion_dpo_trains_theta_and_leaves_ref_frozen(pipe, tmp_path):
+    args = sail.Args(tiny=True, precision="fp32", **{**sail.TINY_PRESET, "dpo_steps": 2,
+                                                     "micro_batch": 4, "effective_batch": 8,
+                                                     "lr": 1e-3})
     pairs = sail.read_seed_pairs(HERE / "seed_pairs.json")[:8]
     theta, ref = copy.deepcopy(pipe), sail.frozen_copy(pipe.unet)
     before = [p.clone() for p in ref.parameters()]
-    records = []
-    summary = sail.diffusion_dpo(theta, ref, pairs, args, "test", records.append,
-                                 torch.Generator().manual_seed(0))
+    summary = sail.diffusion_dpo(theta, ref, pairs, args, "iter_0", dpo_run(tmp_path, args))
+    records = logged(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(before, ref.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(ref.parameters(), theta.unet.parameters()))
     assert [r["step"] for r in records] == [1, 2]

@@ -83,6 +83,8 @@ diffusers.utils.logging.disable_progress_bar()
 diffusers.utils.logging.set_verbosity_error()  # also when diffusers was imported before sail
 transformers.utils.logging.disable_progress_bar()
 warnings.filterwarnings("ignore", category=FutureWarning)
+# DDP notes that a 1x1 convolution's gradient has another memory layout than its bucket: harmless
+warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 
 HERE = Path(__file__).resolve().parent  # the shipped seed_pairs.json and prompts.txt live here

@@ -14,8 +14,10 @@ import math
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -726,6 +728,243 @@ def test_benchmark_quick_size_writes_its_tables_and_plot(tmp_path, tiny_base):
     text = (out / "results.md").read_text()
     assert "Batched implicit reward vs loop" in text and "concatenated vs separate" in text
     assert (out / "scaling.png").exists() == HAS_MATPLOTLIB
+
+
+# -------------------------------------------------------------------------------------------------
+# A long job: resume, faults, several processes, memory options
+# -------------------------------------------------------------------------------------------------
+
+# 2 prompts per generation call (2 rounds), a checkpoint every 2 of 6 DPO steps
+RESUMABLE = ["--tiny", "--iters", "1", "--pretrain-steps", str(PRETRAIN_STEPS), "--dpo-steps", "6",
+             "--checkpoint-every", "2", "--n-candidates", "3", "--k-draws", "2",
+             "--prompts-per-iter", "4", "--generation-batch", "6"]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, tiny_base):
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert sail.main([*RESUMABLE, "--out", str(out)]) == 0
+    return out
+
+
+def records(run):
+    """metrics.jsonl without the wall-clock seconds."""
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_unet(run):
+    return UNet2DConditionModel.from_pretrained(run / "iter_1" / "unet").state_dict()
+
+
+def assert_same_run(expected, run):
+    assert records(run) == records(expected)
+    assert (run / "iter_1" / "pairs.json").read_text() == (expected / "iter_1" / "pairs.json").read_text()
+    theirs, ours = final_unet(expected), final_unet(run)
+    assert all(torch.equal(theirs[name], ours[name]) for name in theirs)
+
+
+def test_checkpoints_keep_only_the_newest(uninterrupted):
+    kept = sorted(path.name for path in (uninterrupted / "checkpoints").iterdir())
+    assert kept == ["iter_1-step000004.pt", "iter_1-step000006.pt"]  # --keep-checkpoints 2
+
+
+class Crash(Exception):
+    """Stands for a kill: the run stops wherever it is, saving nothing more."""
+
+
+def count_calls(monkeypatch, name, crash_at=None):
+    calls, real = [], getattr(sail, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == crash_at:
+            raise Crash
+        return real(*args, **kwargs)
+    monkeypatch.setattr(sail, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("name, crash_at, redone", [
+    ("judge_candidates", 2, 1),  # mid-generation: the second round of prompts; 1 round to redo
+    ("dpo_loss", 10, 4),         # mid-training: iter_1 step 4 of 6 (iter_0 took 6); from step 2
+])
+def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, uninterrupted,
+                                                           name, crash_at, redone):
+    out = tmp_path / "run"
+    count_calls(monkeypatch, name, crash_at)
+    with pytest.raises(Crash):
+        sail.main([*RESUMABLE, "--out", str(out)])
+    monkeypatch.undo()
+    monkeypatch.chdir(HERE)
+    calls = count_calls(monkeypatch, name)
+    assert sail.main(["--resume", str(out)]) == 0
+    assert len(calls) == redone  # it continued where it stopped, it did not start over
+    assert_same_run(uninterrupted, out)
+
+
+def start_run(out):
+    return subprocess.Popen([sys.executable, "sail.py", *RESUMABLE, "--out", str(out)], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ)
+
+
+def wait_for(ready, process, timeout=120):
+    for _ in range(timeout * 100):
+        if ready():
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130_then_resume_finishes_the_same(tmp_path,
+                                                                             uninterrupted):
+    out = tmp_path / "run"
+    process = start_run(out)
+    metrics = out / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and '"step"' in metrics.read_text(), process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert f"continue with: python sail.py --resume {out}" in stderr
+    assert any((out / "checkpoints").glob("iter_*-step*.pt"))  # saved where it stopped
+    assert sail.main(["--resume", str(out)]) == 0
+    assert_same_run(uninterrupted, out)
+
+
+def test_a_killed_run_resumes_from_its_files_to_the_same_result(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    process = start_run(out)
+    wait_for(lambda: any(out.glob("checkpoints/*.pt")), process)
+    process.kill()  # SIGKILL: no handler runs; whatever is on disk is all there is
+    process.communicate(timeout=60)
+    assert sail.main(["--resume", str(out)]) == 0
+    assert_same_run(uninterrupted, out)
+
+
+def test_state_files_are_written_whole_or_not_at_all(tmp_path):
+    run = sail.Run(tmp_path, sail.Args(iters=0))
+    path = tmp_path / "state.json"
+    run.write_json(path, {"good": 1})
+
+    def dies_half_way(temporary):
+        temporary.write_text('{"goo')
+        raise Crash
+    with pytest.raises(Crash):
+        run.write(path, dies_half_way)
+    assert json.loads(path.read_text()) == {"good": 1}
+
+
+def test_nan_loss_exits_3_naming_the_step_and_keeps_the_last_good_checkpoint(
+        tmp_path, monkeypatch, capsys, tiny_base):
+    out, real, calls = tmp_path / "run", sail.dpo_loss, []
+
+    def poisoned(*args):
+        calls.append(1)
+        loss, inside = real(*args)
+        return (loss * math.nan if len(calls) == 5 else loss), inside
+    monkeypatch.setattr(sail, "dpo_loss", poisoned)
+    assert sail.main([*RESUMABLE, "--out", str(out)]) == 3
+    error = capsys.readouterr().err
+    assert "iter_0: step 5: the DPO loss is nan" in error and "iter_0-step000004.pt" in error
+    kept = torch.load(out / "checkpoints" / "iter_0-step000004.pt", weights_only=True)
+    assert kept["step"] == 4 and all(v.isfinite().all() for v in kept["unet"].values())
+    assert not (out / "iter_0" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "1e-4"], "--lr 0.0001 (the run has 3e-05)"),
+    (["--out", "elsewhere"], "--out elsewhere"),
+])
+def test_resume_refuses_other_settings_and_changes_nothing(tmp_path, uninterrupted, capsys, flags,
+                                                           message):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    assert sail.main(["--resume", str(run), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert before == {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+
+
+def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a run")
+    assert sail.main(["--resume", str(tmp_path)]) == 2
+    assert "not a sail.py run folder" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_resuming_a_finished_run_redoes_nothing(tmp_path, uninterrupted, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    calls = count_calls(monkeypatch, "diffusion_dpo") + count_calls(monkeypatch, "judge_candidates")
+    assert sail.main(["--resume", str(run)]) == 0
+    assert calls == [] and records(run) == records(uninterrupted)
+
+
+def test_an_output_folder_that_cannot_be_created_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    assert sail.main([*RESUMABLE, "--out", str(tmp_path / "a-file" / "run")]) == 2
+    assert "is not a writable folder" in capsys.readouterr().err
+
+
+def test_a_disk_too_small_for_the_run_is_refused_before_any_work(tmp_path, monkeypatch, capsys,
+                                                                 tiny_base):
+    monkeypatch.setattr(sail.shutil, "disk_usage",
+                        lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6))
+    out = tmp_path / "run"
+    assert sail.main([*RESUMABLE, "--out", str(out)]) == 2
+    assert "GB are free" in capsys.readouterr().err and not out.exists()
+
+
+def test_two_processes_compute_what_one_does(tmp_path, uninterrupted):
+    """torchrun, gloo on CPU: each process takes half of every batch; DDP averages gradients."""
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node", "2", "sail.py", *RESUMABLE, "--out", str(out)],
+                            cwd=HERE, capture_output=True, text=True, timeout=600, env=os.environ)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["processes"] == 2
+    ours, theirs = records(out), records(uninterrupted)
+    assert [r["stage"] for r in ours] == [r["stage"] for r in theirs]
+    assert [r.get("loss") for r in ours] == pytest.approx([r.get("loss") for r in theirs], rel=1e-3)
+    pairs = [json.loads((run / "iter_1" / "pairs.json").read_text()) for run in (out, uninterrupted)]
+    assert [p["prompt"] for p in pairs[0]] == [p["prompt"] for p in pairs[1]]
+    # the two runs differ by float rounding only: far less than what training changed
+    base = UNet2DConditionModel.from_pretrained(uninterrupted / "tiny_base" / "unet").state_dict()
+    one, two = final_unet(uninterrupted), final_unet(out)
+    trained = max((one[k] - base[k]).abs().max() for k in one)
+    assert max((one[k] - two[k]).abs().max() for k in one) < 0.1 * trained
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    assert sail.main([*RESUMABLE, "--out", str(out), "--gradient-checkpointing"]) == 0
+    assert [r.get("loss") for r in records(out)] == [r.get("loss") for r in records(uninterrupted)]
+
+
+def test_bf16_keeps_frozen_models_in_bf16_and_trains_the_unet_in_fp32(tmp_path, tiny_base,
+                                                                       monkeypatch):
+    seen = {}
+    real = sail.diffusion_dpo
+
+    def spy(pipe, ref_unet, *args):
+        seen.update(ref=ref_unet.dtype, vae=pipe.vae.dtype, text=pipe.text_encoder.dtype,
+                    theta=pipe.unet.dtype)
+        return real(pipe, ref_unet, *args)
+    monkeypatch.setattr(sail, "diffusion_dpo", spy)
+    out = tmp_path / "run"
+    assert sail.main([*RESUMABLE, "--out", str(out), "--precision", "bf16"]) == 0
+    assert seen == dict(ref=torch.bfloat16, vae=torch.bfloat16, text=torch.bfloat16,
+                        theta=torch.float32)
+    assert all(math.isfinite(r["loss"]) for r in records(out) if "loss" in r)
+
+
+def test_fp16_keeps_a_vae_that_asks_for_it_in_fp32(pipe):
+    pipe = copy.deepcopy(pipe)
+    sail.cast_frozen_models(pipe, "fp16")
+    assert pipe.vae.config.force_upcast and pipe.vae.dtype == torch.float32
+    assert pipe.text_encoder.dtype == torch.float16 and pipe.unet.dtype == torch.float32
 
 
 def test_help_lists_every_setting_with_its_paper_value(capsys):

@@ -8,6 +8,8 @@ theta forward + backward on winner and loser, ref forward on both). This measure
     python bench.py --quick       # the smallest size (the test suite runs it)
     python bench.py --sd15-shaped # Stable Diffusion 1.5's architecture, random weights, 512 px:
                                   # real-scale figures on a GPU without downloading weights
+    python bench.py --memory      # SD 1.5-shaped, 512 px: peak memory of a DPO step per
+                                  # --precision / --gradient-checkpointing / --optimizer option
 
 Every figure is the median of several repeats after a warm-up. Peak memory is the process's peak
 resident set (VmHWM, reset before each measurement) on CPU, torch.cuda.max_memory_allocated on a
@@ -18,6 +20,7 @@ matplotlib).
 import argparse
 import copy
 import csv
+import gc
 import os
 import statistics
 import sys
@@ -240,6 +243,62 @@ def run(bench, quick, rows, latent_sizes):
         record("scaling: dpo", "batch", value, value, "pairs", bench.dpo_step(value))
 
 
+# The memory options of sail.py, each measured alone: (precision, gradient checkpointing, optimizer)
+MEMORY_OPTIONS = [("fp32", False, "adamw"), ("fp32", True, "adamw"), ("bf16", False, "adamw"),
+                  ("bf16", True, "adamw"), ("bf16", True, "adafactor")]
+
+
+def memory(device, pairs, resolution, out):
+    """Peak memory of one Diffusion-DPO step of SD 1.5-shaped models, per memory option.
+
+    The whole training stage as sail.py holds it: theta (fp32) with its gradients and optimizer
+    state, the frozen reference UNet, VAE and text encoder in --precision, activations of a
+    micro-batch of `pairs` pairs. Fresh models for every option.
+    """
+    seed_pairs = sail.read_seed_pairs(Path(__file__).parent / "seed_pairs.json")
+    rows = []
+    for precision, checkpointing, optimizer in MEMORY_OPTIONS:
+        with tempfile.TemporaryDirectory() as scratch:
+            pipe = sail.prepare_pipeline(sd15_shaped_pipeline(Path(scratch)), device)
+            args = sail.Args(resolution=resolution, precision=precision, optimizer=optimizer,
+                             gradient_checkpointing=checkpointing, effective_batch=pairs,
+                             micro_batch=pairs, dpo_steps=1, lr=1e-6, checkpoint_every=2)
+            sail.cast_frozen_models(pipe, precision)
+            if checkpointing:
+                pipe.unet.enable_gradient_checkpointing()
+            ref = sail.frozen_copy(pipe.unet, precision)
+            run = sail.Run(scratch, args)
+            run.open_log()
+            reset_peak_memory(device)
+            started = time.perf_counter()
+            sail.diffusion_dpo(pipe, ref, seed_pairs, args, "iter_0", run)
+            seconds = time.perf_counter() - started
+            row = {"precision": precision, "gradient_checkpointing": checkpointing,
+                   "optimizer": optimizer, "pairs": pairs, "seconds": seconds,
+                   "peak_gb": peak_memory_mb(device) / 1024}
+            run.log_file.close()
+            del pipe, ref, run
+            gc.collect()  # the next option starts from the same resident memory
+        rows.append(row)
+        print(" ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                       for k, v in row.items()), flush=True)
+    machine = (torch.cuda.get_device_name() if device.type == "cuda"
+               else f"CPU, {torch.get_num_threads()} threads, peak resident memory")
+    lines = [f"Machine: {machine}; torch {torch.__version__}; SD 1.5-shaped, random weights, "
+             f"{resolution} px; one DPO step of {pairs} pair(s).", "",
+             "| precision | gradient checkpointing | optimizer | peak GB | seconds |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['precision']} | {'yes' if r['gradient_checkpointing'] else 'no'} | "
+              f"{r['optimizer']} | {r['peak_gb']:.1f} | {r['seconds']:.1f} |" for r in rows]
+    out.mkdir(parents=True)
+    (out / "memory.md").write_text("\n".join(lines) + "\n")
+    with open(out / "memory.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print((out / "memory.md").read_text())
+
+
 def ratio(rows, slow, fast):
     seconds = {r["measure"]: r["seconds"] for r in rows}
     return seconds[slow] / seconds[fast]
@@ -297,12 +356,19 @@ def main(argv=None):
                         help="Stable Diffusion 1.5's architecture with random weights (for a GPU)")
     parser.add_argument("--resolution", type=int, default=512,
                         help="--sd15-shaped only: image size in pixels (SD 1.5: 512)")
+    parser.add_argument("--memory", action="store_true",
+                        help="instead: peak memory of one SD 1.5-shaped DPO step per memory "
+                             "option (precision, gradient checkpointing, optimizer)")
+    parser.add_argument("--pairs", type=int, default=1, help="--memory only: pairs per micro-batch")
     options = parser.parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(options.out)
     if out.exists():
         print(f"error: --out {out}: already exists; choose a new folder", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if options.memory:
+        memory(device, options.pairs, options.resolution, out)
+        return 0
     if options.sd15_shaped:  # SD 1.5's own settings: N = 8, K = 10, DDPM 50 steps, 128 pairs
         args = sail.Args(resolution=options.resolution, precision=sail.default_precision())
         args.lr = 1e-8 * args.effective_batch

@@ -15,8 +15,13 @@ Metrics (--metrics, comma-separated):
     pickscore   PickScore (Kirstain et al. 2023): logit_scale.exp() * cos(text, image) of the
                 PickScore_v1 CLIP model with the CLIP-ViT-H-14 processor. --pickscore-model and
                 --pickscore-processor take hub ids (the defaults) or local folders.
-ImageReward, HPSv2 and the LAION aesthetic score of the paper's tables are not implemented yet:
-their weights cannot be downloaded where this was written, so nothing here could test them.
+    aesthetic   the LAION aesthetic predictor (improved-aesthetic-predictor, sac+logos+ava1-l14-
+                linearMSE.pth): a linear MLP on the L2-normalised CLIP ViT-L/14 image embedding.
+                --aesthetic-head is that .pth file (not on the hub: download it from
+                github.com/christophschuhmann/improved-aesthetic-predictor); --aesthetic-clip
+                the CLIP model (default openai/clip-vit-large-patch14).
+ImageReward and HPSv2 of the paper's tables are not implemented: their packages load weights
+from the network, which we could not reach, so nothing here could test them.
 """
 
 import argparse
@@ -33,7 +38,7 @@ import torch  # noqa: E402
 
 import sail  # noqa: E402
 
-METRICS = ("annotator", "pickscore")
+METRICS = ("annotator", "pickscore", "aesthetic")
 
 
 class PickScore:
@@ -67,6 +72,44 @@ class PickScore:
         return self.model.logit_scale.exp() * (image_emb * text_emb).sum(-1)
 
 
+class Aesthetic:
+    """LAION aesthetic score: MLP(image_embedding / |image_embedding|), a CLIP ViT-L/14 embedding.
+
+    The MLP is improved-aesthetic-predictor's: Linear(768, 1024), Dropout, Linear(1024, 128),
+    Dropout, Linear(128, 64), Dropout, Linear(64, 16), Linear(16, 1), no activations (its
+    "linearMSE" heads); its .pth holds the weights under those nn.Sequential indices.
+    """
+
+    def __init__(self, clip, head, device):
+        from transformers import AutoModel, AutoProcessor
+        if head is None:
+            raise sail.InputError("--metrics aesthetic needs --aesthetic-head, the predictor's "
+                                  ".pth (github.com/christophschuhmann/improved-aesthetic-predictor)")
+        try:
+            self.processor = AutoProcessor.from_pretrained(clip)
+            self.model = AutoModel.from_pretrained(clip).eval().to(device)
+            weights = torch.load(head, map_location="cpu", weights_only=True)
+            size = self.model.config.projection_dim
+            self.mlp = torch.nn.Sequential(
+                torch.nn.Linear(size, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
+                torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
+                torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+            self.mlp.load_state_dict({k.removeprefix("layers."): v for k, v in weights.items()})
+        except Exception as error:
+            raise sail.InputError(f"cannot load the aesthetic predictor {clip} / {head}: "
+                                  f"{str(error).strip().splitlines()[0]}")
+        self.mlp.eval().to(device)
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, images, prompts):
+        """images (B, 3, H, W) in [0, 1] -> (B,) scores (the prompts are not used)."""
+        pixels = self.processor(images=[sail.to_pil(image) for image in images],
+                                return_tensors="pt").to(self.device)
+        embedding = PickScore.features(self.model.get_image_features(**pixels))  # (B, D)
+        return self.mlp(embedding / embedding.norm(dim=-1, keepdim=True)).squeeze(-1)
+
+
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a sail.py output folder")
@@ -78,6 +121,8 @@ def parse(argv):
                         " (default: annotator in the tiny world, pickscore otherwise)")
     parser.add_argument("--pickscore-model", default="yuvalkirstain/PickScore_v1")
     parser.add_argument("--pickscore-processor", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+    parser.add_argument("--aesthetic-clip", default="openai/clip-vit-large-patch14")
+    parser.add_argument("--aesthetic-head", help="the aesthetic predictor's .pth file")
     parser.add_argument("--out", help="output folder; must not exist (default: <run>/eval-<time>)")
     options = parser.parse_args(argv)
     run = Path(options.run)
@@ -130,8 +175,9 @@ def score_stage(pipe, args, prompts, seeds, metrics, scorers):
         scores.update({"annotator": annotator, "annotator/seen": annotator[seen],
                        "annotator/unseen": annotator[~seen],
                        "fidelity": sail.fidelity(images.cpu(), per_image).float()})
-    if "pickscore" in metrics:
-        scores["pickscore"] = scorers["pickscore"](images, per_image).cpu()
+    for name in ("pickscore", "aesthetic"):
+        if name in metrics:
+            scores[name] = scorers[name](images, per_image).cpu()
     return scores
 
 
@@ -145,6 +191,8 @@ def main(argv=None):
         if "pickscore" in metrics:
             scorers["pickscore"] = PickScore(options.pickscore_model,
                                              options.pickscore_processor, device)
+        if "aesthetic" in metrics:
+            scorers["aesthetic"] = Aesthetic(options.aesthetic_clip, options.aesthetic_head, device)
     except sail.InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -23,7 +23,7 @@ Writes <out> (default runs/evidence-<time>): results.md and results.csv (per con
 annotator score on all, seen and unseen prompts, fidelity, self-label accuracy, mean +- std over
 seeds; per claim: paired differences per seed and a verdict), trajectory.png (annotator score
 per round, mean line and +-1 std band; needs matplotlib) and runs/<condition>-seed<s>/ (each
-run's config, metrics and sample grids; UNet weights are deleted to keep the folder small).
+run's config, metrics and sample grids; UNet weights and checkpoints are deleted to keep the folder small).
 
 Verdict rule, fixed before any run: with d the per-seed paired differences (SAIL minus control)
 of the final annotator score, mean(d) is "clearly positive" if it exceeds 2 * std(d) / sqrt(n)
@@ -114,8 +114,8 @@ def run_condition(name, seed, args, runs):
     (out / "log.txt").write_text(log.getvalue())
     if code != 0:
         raise RuntimeError(f"{name} seed {seed} failed:\n{log.getvalue()}")
-    for weights in [out / "tiny_base", *out.glob("iter_*/unet")]:
-        shutil.rmtree(weights)
+    for weights in [out / "tiny_base", out / "checkpoints", *out.glob("iter_*/unet")]:
+        shutil.rmtree(weights, ignore_errors=True)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["stage"]: r for r in records if r.get("event") == "summary"}
 

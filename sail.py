@@ -852,6 +852,10 @@ class Run:
             self.log_file = open(path, "a")
         self.barrier()
 
+    def progress(self, **kwargs):
+        """A tqdm bar, shown by process 0 only (TQDM_DISABLE=1 hides it there too)."""
+        return tqdm(leave=False, **kwargs) if self.main else tqdm(disable=True, **kwargs)
+
     # --- processes: every process calls these at the same points
     def barrier(self):
         if self.world > 1:
@@ -1071,8 +1075,8 @@ def self_label(pipe, judge_ref, prompts, first_index, args, run, stage):
     progress = (json.loads(progress_file.read_text()) if progress_file.exists()
                 else {"prompts_done": 0, "ties": 0, "pairs": []})
     per_call = max(1, args.generation_batch // args.n_candidates)  # prompts per pipeline call
-    bar = tqdm(total=len(prompts), initial=progress["prompts_done"], leave=False,
-               desc=f"{stage}: generate + rank", disable=not run.main)
+    bar = run.progress(total=len(prompts), initial=progress["prompts_done"],
+                       desc=f"{stage}: generate + rank")
     for start in range(progress["prompts_done"], len(prompts), per_call * run.world):
         mine = range(start + run.rank * per_call, min(start + (run.rank + 1) * per_call, len(prompts)))
         found = (judge_candidates(pipe, judge_ref, [prompts[j] for j in mine],
@@ -1177,8 +1181,8 @@ def diffusion_dpo(pipe, ref_unet, pairs, args, stage, run):
         history, start = checkpoint["history"], checkpoint["step"]
     unet.train().requires_grad_(True)
     model = (torch.nn.parallel.DistributedDataParallel(unet) if run.world > 1 else unet)
-    for step in tqdm(range(start, steps), initial=start, total=steps, leave=False,
-                     desc=f"{stage}: Diffusion-DPO", disable=not run.main):
+    for step in run.progress(iterable=range(start, steps), initial=start, total=steps,
+                             desc=f"{stage}: Diffusion-DPO"):
         batch, prompts, t, noise, posterior_noise = dpo_step_data(
             pairs, step, args, stage, latent_shape, scheduler.config.num_train_timesteps)
         sums = torch.zeros(5)

@@ -917,24 +917,42 @@ def test_a_disk_too_small_for_the_run_is_refused_before_any_work(tmp_path, monke
     assert "GB are free" in capsys.readouterr().err and not out.exists()
 
 
-def test_two_processes_compute_what_one_does(tmp_path, uninterrupted):
-    """torchrun, gloo on CPU: each process takes half of every batch; DDP averages gradients."""
-    out = tmp_path / "run"
+def torchrun(*flags):
+    """sail.py in 2 processes on the CPU (gloo), as `torchrun --nproc_per_node=2 sail.py` does."""
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node", "2", "sail.py", *RESUMABLE, "--out", str(out)],
+                             "--nproc_per_node", "2", "sail.py", *flags],
                             cwd=HERE, capture_output=True, text=True, timeout=600, env=os.environ)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((out / "config.json").read_text())["processes"] == 2
-    ours, theirs = records(out), records(uninterrupted)
+
+
+def assert_same_up_to_rounding(expected, out):
+    ours, theirs = records(out), records(expected)
     assert [r["stage"] for r in ours] == [r["stage"] for r in theirs]
     assert [r.get("loss") for r in ours] == pytest.approx([r.get("loss") for r in theirs], rel=1e-3)
-    pairs = [json.loads((run / "iter_1" / "pairs.json").read_text()) for run in (out, uninterrupted)]
+    pairs = [json.loads((run / "iter_1" / "pairs.json").read_text()) for run in (out, expected)]
     assert [p["prompt"] for p in pairs[0]] == [p["prompt"] for p in pairs[1]]
     # the two runs differ by float rounding only: far less than what training changed
-    base = UNet2DConditionModel.from_pretrained(uninterrupted / "tiny_base" / "unet").state_dict()
-    one, two = final_unet(uninterrupted), final_unet(out)
+    base = UNet2DConditionModel.from_pretrained(expected / "tiny_base" / "unet").state_dict()
+    one, two = final_unet(expected), final_unet(out)
     trained = max((one[k] - base[k]).abs().max() for k in one)
     assert max((one[k] - two[k]).abs().max() for k in one) < 0.1 * trained
+
+
+def test_two_processes_compute_what_one_does(tmp_path, uninterrupted):
+    """Each process takes half of every round of prompts and of every batch; DDP averages."""
+    out = tmp_path / "run"
+    torchrun(*RESUMABLE, "--out", str(out))
+    assert json.loads((out / "config.json").read_text())["processes"] == 2
+    assert_same_up_to_rounding(uninterrupted, out)
+
+
+def test_a_one_process_run_resumes_in_two_processes(tmp_path, monkeypatch, uninterrupted):
+    out = tmp_path / "run"
+    count_calls(monkeypatch, "dpo_loss", crash_at=10)  # mid-training, iter_1 step 4
+    with pytest.raises(Crash):
+        sail.main([*RESUMABLE, "--out", str(out)])
+    torchrun("--resume", str(out))
+    assert_same_up_to_rounding(uninterrupted, out)
 
 
 def test_gradient_checkpointing_changes_memory_not_results(tmp_path, uninterrupted):
@@ -1107,6 +1125,42 @@ def test_pickscore_is_scaled_cosine_of_clip_embeddings(tiny_pickscore):
     assert scorer.model.logit_scale.exp().item() == pytest.approx(math.exp(3.0))
 
 
+@pytest.fixture(scope="session")
+def tiny_aesthetic(tiny_pickscore, tmp_path_factory):
+    """A CLIP folder (model + processor, as openai/clip-vit-large-patch14 ships) and a random
+    aesthetic head saved under improved-aesthetic-predictor's key names."""
+    folder = tmp_path_factory.mktemp("aesthetic")
+    shutil.copytree(tiny_pickscore / "model", folder / "clip")
+    for file in (tiny_pickscore / "processor").iterdir():
+        shutil.copy(file, folder / "clip")
+    torch.manual_seed(1)
+    sizes = [(16, 1024), (1024, 128), (128, 64), (64, 16), (16, 1)]
+    head = {}
+    for index, (n_in, n_out) in zip((0, 2, 4, 6, 7), sizes):
+        head[f"layers.{index}.weight"] = torch.randn(n_out, n_in) / n_in ** 0.5
+        head[f"layers.{index}.bias"] = torch.randn(n_out)
+    torch.save(head, folder / "head.pth")
+    return folder
+
+
+def test_aesthetic_score_is_the_linear_mlp_of_the_normalised_image_embedding(tiny_aesthetic):
+    import evaluate
+    scorer = evaluate.Aesthetic(tiny_aesthetic / "clip", tiny_aesthetic / "head.pth",
+                                torch.device("cpu"))
+    images = sail.draw_tiny_images(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
+    scores = scorer(images, ["a red circle", "a blue square"])
+    # independent: CLIP's vision tower + projection by hand, then the head's five affine maps
+    pixels = scorer.processor(images=[sail.to_pil(i) for i in images], return_tensors="pt")
+    with torch.no_grad():
+        pooled = scorer.model.vision_model(pixel_values=pixels["pixel_values"]).pooler_output
+        x = scorer.model.visual_projection(pooled)                               # (2, 16)
+    x = x / x.norm(dim=-1, keepdim=True)
+    head = torch.load(tiny_aesthetic / "head.pth", weights_only=True)
+    for index in (0, 2, 4, 6, 7):
+        x = x @ head[f"layers.{index}.weight"].T + head[f"layers.{index}.bias"]
+    torch.testing.assert_close(scores, x.squeeze(-1))
+
+
 def test_evaluate_scores_every_stage_of_a_run(quick_run, tiny_pickscore, tmp_path):
     import evaluate
     out = tmp_path / "eval"
@@ -1128,6 +1182,8 @@ def test_evaluate_scores_every_stage_of_a_run(quick_run, tiny_pickscore, tmp_pat
     (["--metrics", "clipscore"], "unknown metric(s) clipscore"),
     (["--models", "iter_9"], "iter_9 not in"),
     (["--metrics", "pickscore", "--pickscore-model", "/no/such/model"], "cannot load the PickScore"),
+    (["--metrics", "aesthetic"], "--metrics aesthetic needs --aesthetic-head"),
+    (["--metrics", "aesthetic", "--aesthetic-head", "/no/such.pth"], "cannot load the aesthetic"),
 ])
 def test_evaluate_bad_input(quick_run, capsys, tmp_path, argv, message):
     import evaluate

@@ -275,7 +275,7 @@ def memory(device, pairs, resolution, out):
             seconds = time.perf_counter() - started
             row = {"precision": precision, "gradient_checkpointing": checkpointing,
                    "optimizer": optimizer, "pairs": pairs, "seconds": seconds,
-                   "peak_gb": peak_memory_mb(device) / 1024}
+                   "peak_gib": peak_memory_mb(device) / 1024}
             run.log_file.close()
             del pipe, ref, run
             gc.collect()  # the next option starts from the same resident memory
@@ -286,10 +286,10 @@ def memory(device, pairs, resolution, out):
                else f"CPU, {torch.get_num_threads()} threads, peak resident memory")
     lines = [f"Machine: {machine}; torch {torch.__version__}; SD 1.5-shaped, random weights, "
              f"{resolution} px; one DPO step of {pairs} pair(s).", "",
-             "| precision | gradient checkpointing | optimizer | peak GB | seconds |",
+             "| precision | gradient checkpointing | optimizer | peak GiB | seconds |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['precision']} | {'yes' if r['gradient_checkpointing'] else 'no'} | "
-              f"{r['optimizer']} | {r['peak_gb']:.1f} | {r['seconds']:.1f} |" for r in rows]
+              f"{r['optimizer']} | {r['peak_gib']:.1f} | {r['seconds']:.1f} |" for r in rows]
     out.mkdir(parents=True)
     (out / "memory.md").write_text("\n".join(lines) + "\n")
     with open(out / "memory.csv", "w", newline="") as handle:

@@ -181,7 +181,7 @@ class Args:
                 "else fp32)"})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute the trained UNet's activations in the backward pass: less memory, "
-                "about 30 percent more time per DPO step"})
+                "one more UNet forward per DPO micro-batch"})
 
 
 # The tiny world overrides what a 1M-parameter model on 16x16 images needs; everything else keeps
@@ -367,7 +367,7 @@ def decode_latents(vae, latents):
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
-# Memory (issue: one GPU must be enough). Frozen models -- the reference UNets, the VAE and the
+# Memory: one GPU must be enough for SD 1.5. Frozen models -- the reference UNets, the VAE and the
 # text encoders -- are stored in --precision; the trained UNet keeps fp32 weights (AdamW updates of
 # lr x grad are far below bf16's resolution) and its forward passes run under autocast.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

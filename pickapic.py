@@ -10,12 +10,15 @@ memory), drops ties, keeps a fixed-seed random subset, and writes
 Run:
     python pickapic.py train-*.parquet --out data/pickapic --fraction 0.06 --seed 0
     python pickapic.py train-*.parquet --out data/pickapic --n-pairs 50000
+    python pickapic.py --dataset yuvalkirstain/pickapic_v2 --split train --out data/pickapic ...
     python sail.py --model ... --seed-pairs data/pickapic/seed_pairs.json
 
 The shards are the data set's own parquet files (columns caption, jpg_0, jpg_1, label_0,
-label_1), as a `datasets` download or `huggingface-cli download` leaves them on disk. Needs
-pyarrow (pip install pyarrow), imported only here. Resumable: run the same command again and
-images already written are skipped. Rows whose image bytes do not decode are skipped and counted.
+label_1), as a `datasets` download or `huggingface-cli download` leaves them on disk; they need
+pyarrow (pip install pyarrow). --dataset reads a `datasets` dataset instead: a folder written by
+save_to_disk, or a hub name (streamed); it needs datasets (pip install datasets). Both are
+imported only here. Resumable: run the same command again and images already written are
+skipped. Rows whose image bytes do not decode are skipped and counted.
 """
 
 import argparse
@@ -35,8 +38,18 @@ class InputError(Exception):
     """Bad input: printed on one line, exit code 2."""
 
 
+# A source is (name, rows, count): rows(columns) iterates its rows as dicts of those columns;
+# count is its number of rows (None when streamed). Parquet shards and datasets both become one.
+
+def check_columns(where, names):
+    missing = [c for c in COLUMNS if c not in names]
+    if missing:
+        raise InputError(f"{where}: missing Pick-a-Pic column(s) {', '.join(missing)} "
+                         f"(expected {', '.join(COLUMNS)})")
+
+
 def open_shards(paths):
-    """pyarrow ParquetFiles for every shard, checked for the Pick-a-Pic columns up front."""
+    """A source per parquet shard, checked for the Pick-a-Pic columns up front."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -47,17 +60,40 @@ def open_shards(paths):
             shard = pq.ParquetFile(path)
         except (OSError, ValueError) as error:  # missing file, not parquet
             raise InputError(f"{path}: cannot read as parquet: {error}")
-        missing = [c for c in COLUMNS if c not in shard.schema_arrow.names]
-        if missing:
-            raise InputError(f"{path}: missing Pick-a-Pic column(s) {', '.join(missing)} "
-                             f"(expected {', '.join(COLUMNS)})")
-        shards.append((Path(path), shard))
+        check_columns(path, shard.schema_arrow.names)
+        shards.append((Path(path).stem, lambda columns, shard=shard: (
+            record for batch in shard.iter_batches(batch_size=256, columns=columns)
+            for record in batch.to_pylist()), shard.metadata.num_rows))
     return shards
 
 
-def keep_row(seed, shard_name, row, fraction):
+def open_dataset(name, split):
+    """A `datasets` dataset as one source: a save_to_disk folder, or a hub name (streamed)."""
+    try:
+        import datasets
+    except ImportError:
+        raise InputError("reading a datasets dataset needs datasets: pip install datasets")
+    try:
+        if Path(name).exists():
+            data = datasets.load_from_disk(name)
+        else:
+            data = datasets.load_dataset(name, split=split, streaming=True)
+    except Exception as error:  # not a dataset folder, offline, unknown name
+        raise InputError(f"--dataset {name}: cannot load: {str(error).strip().splitlines()[0]}")
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise InputError(f"--dataset {name}: no split {split!r} (has {', '.join(data)})")
+        data = data[split]
+    if data.column_names is not None:  # a streamed dataset may not know its columns up front
+        check_columns(name, data.column_names)
+    count = len(data) if isinstance(data, datasets.Dataset) else None
+    label = f"{Path(name).name}-{split}".replace("/", "_")
+    return [(label, lambda columns: iter(data.select_columns(columns)), count)]
+
+
+def keep_row(seed, source, row, fraction):
     """A fixed-seed coin per row, independent of batch sizes and of earlier (resumed) runs."""
-    return random.Random(f"{seed}/{shard_name}/{row}").random() < fraction
+    return random.Random(f"{seed}/{source}/{row}").random() < fraction
 
 
 def image_extension(data):
@@ -79,23 +115,20 @@ def write_image(data, path):
         partial.replace(path)
 
 
-def import_pairs(shards, out, fraction, n_pairs, seed):
-    """Stream every shard, keep the subset, write images; returns (pairs, counts)."""
+def import_pairs(sources, out, fraction, n_pairs, seed):
+    """Stream every source, keep the subset, write images; returns (pairs, counts)."""
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
-    total = sum(shard.metadata.num_rows for _, shard in shards)
+    counts_known = all(count is not None for _, _, count in sources)
+    total = sum(count for _, _, count in sources) if counts_known else None
     if n_pairs is not None:  # a cheap first pass over the labels alone counts the non-tied rows
-        non_tied = sum(sum(a != b for a, b in zip(batch["label_0"].to_pylist(),
-                                                  batch["label_1"].to_pylist()))
-                       for _, shard in shards
-                       for batch in shard.iter_batches(columns=["label_0", "label_1"]))
+        non_tied = sum(record["label_0"] != record["label_1"]
+                       for _, rows, _ in sources for record in rows(["label_0", "label_1"]))
         fraction = min(1.0, n_pairs / max(non_tied, 1))  # about n_pairs kept, never more
     pairs, counts = [], {"rows": 0, "ties": 0, "unsampled": 0, "corrupt": 0}
     bar = tqdm(total=total, desc="Pick-a-Pic rows", unit="row")
-    for path, shard in shards:
-        rows = (record for batch in shard.iter_batches(batch_size=256, columns=COLUMNS)
-                for record in batch.to_pylist())
-        for row, record in enumerate(rows):
+    for name, rows, _ in sources:
+        for row, record in enumerate(rows(COLUMNS)):
             counts["rows"] += 1
             bar.update()
             if n_pairs is not None and len(pairs) >= n_pairs:
@@ -103,14 +136,14 @@ def import_pairs(shards, out, fraction, n_pairs, seed):
             if record["label_0"] == record["label_1"]:  # 0.5 / 0.5: a tie, no preference
                 counts["ties"] += 1
                 continue
-            if not keep_row(seed, path.stem, row, fraction):
+            if not keep_row(seed, name, row, fraction):
                 counts["unsampled"] += 1
                 continue
             extensions = [image_extension(record[f"jpg_{i}"]) for i in (0, 1)]
             if None in extensions:
                 counts["corrupt"] += 1
                 continue
-            names = [f"{path.stem}-{row}-{i}.{extensions[i]}" for i in (0, 1)]
+            names = [f"{name}-{row}-{i}.{extensions[i]}" for i in (0, 1)]
             for i in (0, 1):
                 write_image(record[f"jpg_{i}"], images / names[i])
             winner = 0 if record["label_0"] > record["label_1"] else 1
@@ -123,7 +156,10 @@ def import_pairs(shards, out, fraction, n_pairs, seed):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("shards", nargs="+", help="Pick-a-Pic v2 parquet files")
+    parser.add_argument("shards", nargs="*", help="Pick-a-Pic v2 parquet files")
+    parser.add_argument("--dataset", help="instead of shards: a datasets folder (save_to_disk) "
+                                          "or hub name, e.g. yuvalkirstain/pickapic_v2")
+    parser.add_argument("--split", default="train", help="--dataset only: the split to read")
     parser.add_argument("--out", required=True, help="folder for seed_pairs.json and images/")
     subset = parser.add_mutually_exclusive_group()
     subset.add_argument("--fraction", type=float, default=1.0,
@@ -137,12 +173,14 @@ def main(argv=None):
             raise InputError("--fraction must be in (0, 1]")
         if args.n_pairs is not None and args.n_pairs < 1:
             raise InputError("--n-pairs must be >= 1")
-        shards = open_shards(args.shards)
+        if bool(args.shards) == bool(args.dataset):
+            raise InputError("give parquet shards or --dataset, not both and not neither")
+        sources = open_dataset(args.dataset, args.split) if args.dataset else open_shards(args.shards)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    pairs, counts = import_pairs(shards, out, args.fraction, args.n_pairs, args.seed)
+    pairs, counts = import_pairs(sources, out, args.fraction, args.n_pairs, args.seed)
     summary = (f"rows {counts['rows']}, ties dropped {counts['ties']}, not sampled "
                f"{counts['unsampled']}, corrupt images skipped {counts['corrupt']}")
     if not pairs:

@@ -1,7 +1,8 @@
 """Tests for sail.py. Each test names the formula or behaviour it pins and fails if that is wrong.
 
 Run: python -m pytest -q test_sail.py   (about 2.5 minutes on 2 CPU cores, no GPU, no network).
-The optional extras are tested when installed: matplotlib (plots), pyarrow (Pick-a-Pic import).
+The optional extras are tested when installed: matplotlib (plots), pyarrow and datasets
+(Pick-a-Pic import).
 Equation numbers are SPEC.md's, as in sail.py.
 """
 
@@ -1074,6 +1075,36 @@ def test_pickapic_refuses_a_parquet_without_its_columns(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "other.parquet: missing Pick-a-Pic column(s) jpg_1, label_0, label_1" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_pickapic_reads_a_datasets_dataset_like_its_parquet_shards(tmp_path):
+    import pickapic
+    datasets = pytest.importorskip("datasets")
+    rows = pickapic_rows(20)
+    write_pickapic_shard(tmp_path / "train-0.parquet", rows)
+    columns = ["caption", "jpg_0", "jpg_1", "label_0", "label_1"]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {name: [row[i] for row in rows] for i, name in enumerate(columns)})}
+    ).save_to_disk(tmp_path / "pickapic_v2")
+    imported = {}
+    for name, source in (("parquet", [str(tmp_path / "train-0.parquet")]),
+                         ("dataset", ["--dataset", str(tmp_path / "pickapic_v2")])):
+        assert pickapic.main([*source, "--out", str(tmp_path / name)]) == 0
+        imported[name] = [(p["prompt"], Path(p["chosen"]).read_bytes(),
+                           Path(p["rejected"]).read_bytes())
+                          for p in sail.read_seed_pairs(tmp_path / name / "seed_pairs.json")]
+    assert len(imported["dataset"]) == 16 and imported["dataset"] == imported["parquet"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "give parquet shards or --dataset"),
+    (["--dataset", "/no/such/dataset"], "--dataset /no/such/dataset: cannot load"),
+])
+def test_pickapic_bad_sources(tmp_path, capsys, argv, message):
+    import pickapic
+    pytest.importorskip("datasets")
+    assert pickapic.main([*argv, "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 # -------------------------------------------------------------------------------------------------

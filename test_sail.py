@@ -979,6 +979,18 @@ def test_bf16_keeps_frozen_models_in_bf16_and_trains_the_unet_in_fp32(tmp_path, 
     assert all(math.isfinite(r["loss"]) for r in records(out) if "loss" in r)
 
 
+def test_fp16_trains_with_a_loss_scaler(tmp_path, tiny_base):
+    out = tmp_path / "run"
+    assert sail.main(["--tiny", "--iters", "0", "--dpo-steps", "2", "--checkpoint-every", "2",
+                      "--pretrain-steps", str(PRETRAIN_STEPS), "--precision", "fp16",
+                      "--out", str(out)]) == 0
+    losses = [r["loss"] for r in records(out) if "step" in r]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    assert losses[0] == pytest.approx(math.log(2), abs=0.01)  # theta == ref up to fp16 rounding
+    scaler = torch.load(out / "checkpoints" / "iter_0-step000002.pt", weights_only=True)["scaler"]
+    assert scaler["scale"] > 1  # the scaler was on (it starts at 2**16)
+
+
 def test_fp16_keeps_a_vae_that_asks_for_it_in_fp32(pipe):
     pipe = copy.deepcopy(pipe)
     sail.cast_frozen_models(pipe, "fp16")

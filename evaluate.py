@@ -41,16 +41,17 @@ import sail  # noqa: E402
 METRICS = ("annotator", "pickscore", "aesthetic")
 
 
-class PickScore:
-    """PickScore: s(y, x) = logit_scale.exp() * cos(text_embedding(y), image_embedding(x))."""
+class ClipScorer:
+    """A CLIP model and its processor, from hub ids or folders: what PickScore and the aesthetic
+    score both start from."""
 
-    def __init__(self, model, processor, device):
+    def __init__(self, model, processor, device, name):
         from transformers import AutoModel, AutoProcessor
         try:
             self.processor = AutoProcessor.from_pretrained(processor)
             self.model = AutoModel.from_pretrained(model).eval().to(device)
         except Exception as error:
-            raise sail.InputError(f"cannot load the PickScore model {model} / processor "
+            raise sail.InputError(f"cannot load the {name} model {model} / processor "
                                   f"{processor}: {str(error).strip().splitlines()[0]}")
         self.device = device
 
@@ -58,21 +59,33 @@ class PickScore:
     def features(output):  # transformers 5 returns an output object, 4.x a tensor
         return getattr(output, "pooler_output", output)
 
+    def unit(self, embedding):
+        return embedding / embedding.norm(dim=-1, keepdim=True)
+
+    def image_embedding(self, images):
+        """images (B, 3, H, W) in [0, 1] -> (B, D) CLIP image embeddings of norm 1."""
+        pixels = self.processor(images=[sail.to_pil(image) for image in images],
+                                return_tensors="pt").to(self.device)
+        return self.unit(self.features(self.model.get_image_features(**pixels)))
+
+
+class PickScore(ClipScorer):
+    """PickScore: s(y, x) = logit_scale.exp() * cos(text_embedding(y), image_embedding(x))."""
+
+    def __init__(self, model, processor, device):
+        super().__init__(model, processor, device, "PickScore")
+
     @torch.no_grad()
     def __call__(self, images, prompts):
         """images (B, 3, H, W) in [0, 1], one prompt each -> (B,) scores."""
-        pixels = self.processor(images=[sail.to_pil(image) for image in images],
-                                return_tensors="pt").to(self.device)
         text = self.processor(text=prompts, padding=True, truncation=True, max_length=77,
                               return_tensors="pt").to(self.device)
-        image_emb = self.features(self.model.get_image_features(**pixels))     # (B, D)
-        text_emb = self.features(self.model.get_text_features(**text))         # (B, D)
-        image_emb = image_emb / image_emb.norm(dim=-1, keepdim=True)
-        text_emb = text_emb / text_emb.norm(dim=-1, keepdim=True)
+        image_emb = self.image_embedding(images)                                 # (B, D)
+        text_emb = self.unit(self.features(self.model.get_text_features(**text)))  # (B, D)
         return self.model.logit_scale.exp() * (image_emb * text_emb).sum(-1)
 
 
-class Aesthetic:
+class Aesthetic(ClipScorer):
     """LAION aesthetic score: MLP(image_embedding / |image_embedding|), a CLIP ViT-L/14 embedding.
 
     The MLP is improved-aesthetic-predictor's: Linear(768, 1024), Dropout, Linear(1024, 128),
@@ -81,33 +94,27 @@ class Aesthetic:
     """
 
     def __init__(self, clip, head, device):
-        from transformers import AutoModel, AutoProcessor
         if head is None:
             raise sail.InputError("--metrics aesthetic needs --aesthetic-head, the predictor's "
                                   ".pth (github.com/christophschuhmann/improved-aesthetic-predictor)")
+        super().__init__(clip, clip, device, "aesthetic predictor's CLIP")
+        size = self.model.config.projection_dim
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(size, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
+            torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
+            torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
         try:
-            self.processor = AutoProcessor.from_pretrained(clip)
-            self.model = AutoModel.from_pretrained(clip).eval().to(device)
             weights = torch.load(head, map_location="cpu", weights_only=True)
-            size = self.model.config.projection_dim
-            self.mlp = torch.nn.Sequential(
-                torch.nn.Linear(size, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
-                torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
-                torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
             self.mlp.load_state_dict({k.removeprefix("layers."): v for k, v in weights.items()})
         except Exception as error:
-            raise sail.InputError(f"cannot load the aesthetic predictor {clip} / {head}: "
+            raise sail.InputError(f"cannot load the aesthetic predictor's head {head}: "
                                   f"{str(error).strip().splitlines()[0]}")
         self.mlp.eval().to(device)
-        self.device = device
 
     @torch.no_grad()
     def __call__(self, images, prompts):
         """images (B, 3, H, W) in [0, 1] -> (B,) scores (the prompts are not used)."""
-        pixels = self.processor(images=[sail.to_pil(image) for image in images],
-                                return_tensors="pt").to(self.device)
-        embedding = PickScore.features(self.model.get_image_features(**pixels))  # (B, D)
-        return self.mlp(embedding / embedding.norm(dim=-1, keepdim=True)).squeeze(-1)
+        return self.mlp(self.image_embedding(images)).squeeze(-1)
 
 
 def parse(argv):

@@ -234,7 +234,7 @@ def read_run_config(folder):
 
 
 # Flags a resumed run may change: they decide how the work is split and saved, not what it computes.
-RESUME_MAY_CHANGE = ("resume", "out", "checkpoint_every", "keep_checkpoints", "micro_batch",
+RESUME_MAY_CHANGE = ("resume", "checkpoint_every", "keep_checkpoints", "micro_batch",
                      "generation_batch", "reward_batch")
 
 
@@ -826,10 +826,14 @@ class Run:
             for path in saved[:-self.args.keep_checkpoints]:
                 path.unlink()
 
-    def load_checkpoint(self, stage):
-        """The newest checkpoint of `stage`, or None."""
+    def checkpoint_path(self, stage):
+        """The newest checkpoint file of `stage`, or None."""
         saved = sorted((self.out / "checkpoints").glob(f"{stage}-step*.pt"))  # zero-padded steps
-        return torch.load(saved[-1], map_location="cpu", weights_only=True) if saved else None
+        return saved[-1] if saved else None
+
+    def load_checkpoint(self, stage):
+        path = self.checkpoint_path(stage)
+        return torch.load(path, map_location="cpu", weights_only=True) if path else None
 
     def open_log(self):
         """Open metrics.jsonl. Resuming, first drop the lines logged after the saved state the run
@@ -837,8 +841,8 @@ class Run:
         path = self.out / "metrics.jsonl"
         if self.main and path.exists():
             current = next((stage for stage in self.stages if not self.finished(stage)), None)
-            checkpoint = self.load_checkpoint(current) if current else None
-            last_step = checkpoint["step"] if checkpoint else 0
+            checkpoint = self.checkpoint_path(current) if current else None
+            last_step = int(checkpoint.stem.split("-step")[1]) if checkpoint else 0  # no load
             kept = []
             for line in path.read_text().splitlines():
                 try:
@@ -1213,7 +1217,9 @@ def diffusion_dpo(pipe, ref_unet, pairs, args, stage, run):
         record = dict(zip(("loss", "implicit_acc", "rewards/chosen", "rewards/rejected",
                            "rewards/margins"), values.tolist()))
         if not math.isfinite(record["loss"]):  # before the optimizer step: weights stay good
-            raise TrainingDiverged(f"{stage}: step {step + 1}: the DPO loss is {record['loss']}")
+            kept = run.checkpoint_path(stage) or f"none of {stage} yet (the stage before is saved)"
+            raise TrainingDiverged(f"{stage}: step {step + 1}: the DPO loss is {record['loss']}; "
+                                   f"the last good checkpoint is kept: {kept}")
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)  # Diffusion-DPO official: clip at 1
         scaler.step(optimizer)
@@ -1395,10 +1401,15 @@ def prepare(args, world):
     out = Path(name[0])
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"--out {out}: already exists and is not empty; choose a new folder")
-    parent = next(folder for folder in out.absolute().parents if folder.exists())
+    parent = nearest_existing(out.absolute().parent)
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise InputError(f"--out {out}: cannot create it, {parent} is not a writable folder")
     return seed_pairs, prompts, out
+
+
+def nearest_existing(path):
+    """`path`, or its nearest folder above it that exists: where the run's files will go."""
+    return next(folder for folder in [path, *path.absolute().parents] if folder.exists())
 
 
 def check_disk_space(out, unet, args):
@@ -1407,7 +1418,7 @@ def check_disk_space(out, unet, args):
     optimizer_states = 2 if args.optimizer == "adamw" else 1  # AdamW: 2 moments; Adafactor: <= 1
     checkpoints = (args.keep_checkpoints + 1) * (1 + optimizer_states)  # + 1 while the next is written
     needed = unet_bytes * (args.iters + 1 + checkpoints)
-    free = shutil.disk_usage(next(f for f in [out, *out.absolute().parents] if f.exists())).free
+    free = shutil.disk_usage(nearest_existing(out)).free
     if needed > free:
         raise InputError(f"--out {out}: the run writes about {needed / 1e9:.1f} GB (a UNet per "
                          f"stage, {args.keep_checkpoints} checkpoints) but {free / 1e9:.1f} GB "
@@ -1478,10 +1489,7 @@ def main(argv=None):
             f"continue with: python sail.py --resume {out}", file=sys.stderr)
         return 130
     except TrainingDiverged as error:
-        kept = sorted((out / "checkpoints").glob("*.pt"))
-        say(f"error: {error}; lower --lr or use --precision fp32. The last good checkpoint is "
-            f"kept: {kept[-1] if kept else 'none yet (the previous stage is saved)'}",
-            file=sys.stderr)
+        say(f"error: {error}; lower --lr or use --precision fp32", file=sys.stderr)
         return 3
     except OSError as error:  # disk full, folder removed...: progress up to the last save is kept
         say(f"error: writing {out} failed: {error}; fix it, then: python sail.py --resume {out}",

@@ -169,10 +169,6 @@ def dpo_run(folder, args):
     return run
 
 
-def logged(folder):
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_diffusion_dpo_gives_winner_and_loser_the_same_t_and_noise(pipe, monkeypatch, tmp_path):
     calls = []
     real = sail.denoising_error
@@ -204,12 +200,12 @@ def test_diffusion_dpo_trains_theta_and_leaves_ref_frozen(pipe, tmp_path):
     theta, ref = copy.deepcopy(pipe), sail.frozen_copy(pipe.unet)
     before = [p.clone() for p in ref.parameters()]
     summary = sail.diffusion_dpo(theta, ref, pairs, args, "iter_0", dpo_run(tmp_path, args))
-    records = logged(tmp_path)
+    steps = records(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(before, ref.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(ref.parameters(), theta.unet.parameters()))
-    assert [r["step"] for r in records] == [1, 2]
+    assert [r["step"] for r in steps] == [1, 2]
     # the first step starts at theta == ref: every logit is 0, the loss is exactly ln 2
-    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert set(summary) == {"loss", "implicit_acc", "rewards/chosen", "rewards/rejected",
                             "rewards/margins"}
 

@@ -10,6 +10,10 @@ theta forward + backward on winner and loser, ref forward on both). This measure
                                   # real-scale figures on a GPU without downloading weights
     python bench.py --memory      # SD 1.5-shaped, 512 px: peak memory of a DPO step per
                                   # --precision / --gradient-checkpointing / --optimizer option
+    python bench.py --gpu-figures # one GPU, < 8 min: a whole sail.py --iters 1 per precision,
+                                  # stage by stage; official Diffusion-DPO step vs sail.py's;
+                                  # Eq. 8's rounding spread per precision; an SDXL DPO step
+    python bench.py --gpu-figures --toy   # the same code paths at toy sizes on a CPU (the test)
 
 Every figure is the median of several repeats after a warm-up. Peak memory is the process's peak
 resident set (VmHWM, reset before each measurement) on CPU, torch.cuda.max_memory_allocated on a
@@ -18,19 +22,31 @@ matplotlib).
 """
 
 import argparse
+import contextlib
 import copy
 import csv
+import functools
 import gc
+import json
+import math
 import os
+import re
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is built here: a lookup would only hang
 
+import diffusers.optimization  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from transformers import CLIPTextModelWithProjection  # noqa: E402
 
 import sail  # noqa: E402
 
@@ -169,26 +185,38 @@ class Bench:
         return lambda: sail.diffusion_dpo(self.pipe, self.ref, self.seed_pairs, args, "iter_0", run)
 
 
+def clip_text_config(tokenizer, **sizes):
+    """CLIP ViT-L/14's text encoder (SD 1.5's, SDXL's first), `sizes` overriding its config."""
+    return sail.CLIPTextConfig(**{
+        **dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+               num_attention_heads=12, max_position_embeddings=77,
+               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id), **sizes})
+
+
+def sd_vae(scaling_factor=0.18215):
+    """SD's VAE (SDXL's has the same shape and another scaling factor)."""
+    return sail.AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+        sample_size=512, scaling_factor=scaling_factor)
+
+
+def sd_scheduler():
+    return sail.DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                              beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1)
+
+
 def sd15_shaped_pipeline(folder):
     """Stable Diffusion 1.5's architecture (UNet 860M, CLIP ViT-L/14 text encoder, VAE) with random
     weights, from configs: timings and memory at real scale need no downloaded weights."""
     tokenizer = sail.tiny_tokenizer(folder)  # a few ids of the vocabulary: cost does not depend on them
     tokenizer.model_max_length = 77
-    text_encoder = sail.CLIPTextModel(sail.CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     unet = sail.UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # SD 1.x blocks
-    vae = sail.AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
-        sample_size=512, scaling_factor=0.18215)
-    scheduler = sail.DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
-                                   beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                                   steps_offset=1)
     return sail.StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        vae=sd_vae(), text_encoder=sail.CLIPTextModel(clip_text_config(tokenizer)),
+        tokenizer=tokenizer, unet=unet, scheduler=sd_scheduler(), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -299,6 +327,740 @@ def memory(device, pairs, resolution, out):
     print((out / "memory.md").read_text())
 
 
+# ------------------------------------------------------------------------------------------------
+# --gpu-figures: the README's GPU figures in one short session on one GPU (issue 17)
+# ------------------------------------------------------------------------------------------------
+# One process, at most 8 minutes with model construction, SD 1.5 and SDXL shapes with random
+# weights (no downloads):
+#   part 1  a whole `sail.py --iters 1` per --precision, run in-process through sail.main with
+#           sail's stage functions wrapped to time them and record each one's peak memory;
+#   part 2  a Diffusion-DPO step as the official train.py computes it, against sail.py's step;
+#   part 3  Eq. 8's rounding spread at theta == ref per precision, against a real spread;
+#   part 4  an SDXL-shaped DPO step at 1024 px with the SDXL preset (Adafactor).
+# Every row is printed and saved (results.csv, results.md) as it completes, so a run cut short
+# keeps what it measured; an out-of-memory error is a row, not the end of the run.
+
+# The counts each part uses; --sizes key=value,... overrides any of them. GPU: the paper's
+# per-sample settings (N = 8, K = 10, DDPM 50 steps, CFG 7.5) at counts that fit 8 minutes.
+GPU_SIZES = dict(resolution=512, sdxl_resolution=1024, n_candidates=8, k_draws=10,
+                 sample_steps=50, guidance_scale=7.5, prompts_per_iter=1, seed_pairs=8,
+                 effective_batch=4, micro_batch=2, dpo_steps=2, eval_seeds=1, dpo_pairs=8,
+                 spread_prompts=3, spread_dpo_steps=2, sdxl_pairs=1, repeats=3)
+# --toy: the same code paths at tiny sizes and tiny models, on a CPU in seconds (the test runs it)
+TOY_SIZES = dict(GPU_SIZES, resolution=16, sdxl_resolution=16, n_candidates=3, k_draws=2,
+                 sample_steps=2, seed_pairs=4, effective_batch=2, micro_batch=1, dpo_steps=1,
+                 dpo_pairs=2, spread_prompts=2, spread_dpo_steps=1, repeats=1)
+# Seconds each piece is expected to take on an H100 (GPU_RUN estimate), to skip what cannot
+# finish inside --budget-s: part 1 per precision, then parts 2, 3, 4
+EXPECTED_SECONDS = {"fp32": 110, "bf16": 35, "fp16": 35, 2: 40, 3: 60, 4: 45}
+FIGURE_PROMPTS = ["a red circle", "a green square", "a blue triangle", "a yellow circle",
+                  "a cyan square", "a magenta triangle"]
+FIGURE_FIELDS = ["part", "measure", "precision", "setting", "seconds", "units", "unit",
+                 "per_second", "peak_gib", "value", "status", "note"]
+
+
+def gpu_peak_gib(device):
+    return peak_memory_mb(device) / 1024
+
+
+def reward_precision(precision):
+    """sail.reward_precision (Eq. 8's judge precision: fp32 stays fp32, bf16 and fp16 judge in
+    fp16), or the same rule while the sail.py in use predates it (gpu_figures says so)."""
+    if hasattr(sail, "reward_precision"):
+        return sail.reward_precision(precision)
+    return "fp32" if precision == "fp32" else "fp16"
+
+
+def count_steps(optimizer, taken):
+    """Count the optimizer's steps in the list `taken`: the fp16 loss scaler skips the step (and
+    AdamW allocates no state) when a gradient overflows."""
+    optimizer.register_step_post_hook(lambda *_: taken.append(1))
+    return optimizer
+
+
+@contextlib.contextmanager
+def patched(module, **replacements):
+    """Monkeypatch-style: module.name = value for the block, then the originals again."""
+    originals = {name: getattr(module, name) for name in replacements}
+    for name, value in replacements.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in originals.items():
+            setattr(module, name, value)
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class Figures:
+    """The rows of --gpu-figures: each printed as it completes, results.csv and results.md
+    rewritten after each one (a run killed by its time limit keeps every finished row)."""
+
+    def __init__(self, out, device, sizes, budget_s, toy):
+        self.out, self.device, self.sizes, self.toy = out, device, sizes, toy
+        self.budget_s = budget_s
+        self.rows, self.started = [], time.perf_counter()
+
+    def elapsed(self):
+        return time.perf_counter() - self.started
+
+    def fits(self, part, measure_name, precision, expected_s):
+        """False (and a 'skipped' row) when `expected_s` more would overrun --budget-s."""
+        if self.elapsed() + expected_s <= self.budget_s:
+            return True
+        self.add(part=part, measure=measure_name, precision=precision,
+                 status=f"skipped: {self.elapsed():.0f} s + ~{expected_s} s expected > "
+                        f"--budget-s {self.budget_s:g}")
+        return False
+
+    def add(self, **row):
+        row = {**{name: "" for name in FIGURE_FIELDS}, "status": "ok", **row}
+        if row["units"] and row["seconds"] and row["status"] == "ok":
+            row["per_second"] = row["units"] / row["seconds"]
+        self.rows.append(row)
+        shown = [f"[{self.elapsed():5.0f} s] part {row['part']}", row["measure"],
+                 row["precision"], row["setting"]]
+        if row["seconds"] != "":
+            shown.append(f"{row['seconds']:.3f} s")
+        if row["per_second"] != "":
+            shown.append(f"{row['per_second']:.3g} {row['unit']}/s")
+        if row["peak_gib"] != "":
+            shown.append(f"peak {row['peak_gib']:.2f} GiB")
+        shown += [row["status"], row["note"]]
+        print(" | ".join(str(part) for part in shown if part != ""), flush=True)
+        self.save()
+
+    def save(self):
+        with open(self.out / "results.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=FIGURE_FIELDS)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        (self.out / "results.md").write_text(figures_markdown(self))
+
+
+class StageTimer:
+    """Wraps sail.py's stage functions for one in-process run: seconds (CUDA synchronised) and
+    peak memory of every call. Stages nest (generation inside self-labelling): a stage's peak
+    counts its inner stages', although each inner stage restarts the device's peak counter."""
+
+    def __init__(self, figures, precision):
+        self.figures, self.precision, self.open = figures, precision, []  # open: outer first
+
+    def wrap(self, function, name, units=lambda args, result: "", unit="",
+             note=lambda: ""):
+        device = self.figures.device
+
+        def timed(*args, **kwargs):
+            label = name(args, self.open) if callable(name) else name
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            current = peak_memory_mb(device)
+            for frame in self.open:  # the outer stages keep their peak so far
+                frame["peak"] = max(frame["peak"], current)
+            reset_peak_memory(device)
+            frame = {"label": label, "peak": 0.0}
+            self.open.append(frame)
+            started, result, status = time.perf_counter(), None, "ok"
+            try:
+                result = function(*args, **kwargs)
+                return result
+            except torch.OutOfMemoryError:
+                status = "OOM"
+                raise
+            finally:
+                if device.type == "cuda" and status == "ok":
+                    torch.cuda.synchronize()
+                seconds = time.perf_counter() - started
+                peak = max(frame["peak"], peak_memory_mb(device))
+                self.open.pop()
+                for outer in self.open:
+                    outer["peak"] = max(outer["peak"], peak)
+                self.figures.add(part=1, measure=label, precision=self.precision,
+                                 seconds=seconds, units=units(args, result) if status == "ok"
+                                 else "", unit=unit, peak_gib=peak / 1024, status=status,
+                                 note=note())
+        return timed
+
+    def wrappers(self):
+        """sail's stage functions, wrapped: sail looks them up at call time, so patching the
+        module replaces them inside sail.main too (sail.py itself is unchanged)."""
+        def generation(args, open_stages):
+            inside = any(frame["label"].startswith("self-labelling") for frame in open_stages)
+            return "generation: candidates" if inside else "generation: evaluation images"
+
+        def dpo_pairs(args, result):  # diffusion_dpo(pipe, ref_unet, pairs, args, stage, run)
+            run_args = args[3]
+            steps = run_args.dpo_steps or math.ceil(len(args[2]) / run_args.effective_batch)
+            return steps * run_args.effective_batch
+
+        taken = []  # optimizer steps of the current DPO stage (fp16 skips those that overflow)
+        diffusion_dpo, make_optimizer = sail.diffusion_dpo, sail.make_optimizer  # the originals
+
+        def dpo(*args, **kwargs):
+            taken.clear()
+            return diffusion_dpo(*args, **kwargs)
+        return dict(
+            make_optimizer=lambda params, args: count_steps(make_optimizer(params, args), taken),
+            load_pipeline=self.wrap(sail.load_pipeline, "load model"),
+            evaluate=self.wrap(sail.evaluate, "evaluation (sample, grid)"),
+            judge_candidates=self.wrap(sail.judge_candidates,
+                                       "self-labelling (generate, rank, decode pair)"),
+            generate=self.wrap(sail.generate, generation,
+                               lambda args, result: result.shape[0], "images"),
+            implicit_reward=self.wrap(sail.implicit_reward, "ranking (Eq. 8)",
+                                      lambda args, result: args[2].shape[0], "images"),
+            diffusion_dpo=self.wrap(dpo, lambda args, _: f"DPO {args[4]}", dpo_pairs, "pairs",
+                                    lambda: f"optimizer steps taken {len(taken)}"))
+
+
+def write_random_pairs(folder, count, resolution, prompts, seed=0):
+    """`count` seed pairs of random-noise PNGs and their seed_pairs.json: the cost of a DPO step
+    does not depend on what the pixels show."""
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    entries = []
+    for i in range(count):
+        names = [f"{i:03d}_{key}.png" for key in ("chosen", "rejected")]
+        for name in names:
+            sail.save_image(torch.rand((3, resolution, resolution), generator=generator),
+                            folder / name)
+        entries.append({"prompt": prompts[i % len(prompts)], "chosen": names[0],
+                        "rejected": names[1]})
+    (folder / "seed_pairs.json").write_text(json.dumps(entries, indent=1))
+    return folder / "seed_pairs.json"
+
+
+def cached_image_loader(pairs, resolution):
+    """sail.load_image with the pairs' images decoded once, ahead of the timed steps (as the
+    official code's 16 dataloader workers decode them ahead of the step)."""
+    cache = {pair[key]: sail.load_image(pair[key], resolution)
+             for pair in pairs for key in ("chosen", "rejected")}
+    return lambda path, size: (cache[path].clone() if size == resolution
+                               else sail.load_image(path, size))
+
+
+def whole_runs(figures, model, seed_pairs_file, scratch, precision):
+    """Part 1: `sail.py --model <SD 1.5-shaped folder> --iters 1` in this process, one
+    --precision, every stage timed. --eval-seeds images per evaluation prompt (sail.py: 4) keep
+    fp32 inside the budget; the generation rate is read from the candidates, not evaluation."""
+    sizes = figures.sizes
+    prompts_file = scratch / "prompts.txt"
+    prompts_file.write_text("\n".join(FIGURE_PROMPTS[:sizes["prompts_per_iter"]]) + "\n")
+    out = scratch / f"run-{precision}"
+    argv = ["--model", str(model), "--iters", "1", "--precision", precision,
+            "--resolution", str(sizes["resolution"]), "--prompts", str(prompts_file),
+            "--prompts-per-iter", str(sizes["prompts_per_iter"]),
+            "--seed-pairs", str(seed_pairs_file), "--n-candidates", str(sizes["n_candidates"]),
+            "--k-draws", str(sizes["k_draws"]), "--sampler", "ddpm",
+            "--sample-steps", str(sizes["sample_steps"]),
+            "--guidance-scale", str(sizes["guidance_scale"]),
+            "--effective-batch", str(sizes["effective_batch"]),
+            "--micro-batch", str(sizes["micro_batch"]), "--dpo-steps", str(sizes["dpo_steps"]),
+            "--keep-checkpoints", "1", "--out", str(out)]
+    print("part 1: python sail.py " + " ".join(argv), flush=True)
+    timer = StageTimer(figures, precision)
+    whole = timer.wrap(sail.main, "whole run (sail.main)")
+    try:
+        with patched(sail, EVAL_SEEDS=sizes["eval_seeds"], **timer.wrappers()):
+            code = whole(argv)
+        if code != 0:
+            raise RuntimeError(f"sail.main returned {code}")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # two SD 1.5 UNets: 7 GB of disk per precision
+
+
+def official_dpo_step(unet, ref_unet, vae, text_encoder, scheduler, optimizer, lr_schedule,
+                      scaler, pixels, input_ids, beta, device):
+    """One Diffusion-DPO optimizer step as the official train.py computes it (read, not copied:
+    SalesforceAIResearch/DiffusionDPO train.py at 8d3ee5c, main(), the DPO branch of the loop
+    "with accelerator.accumulate(unet)"), SD 1.5, --mixed_precision fp16 (its default):
+    - `pixels` (B, 6, H, W): winner and loser concatenated on the channel axis (its collate_fn);
+      the step splits them and stacks winners then losers on the batch axis (2B, 3, H, W);
+    - VAE (fp16, its weight_dtype) encodes with latent_dist.sample() x scaling_factor;
+    - one noise and one t per pair, repeated for winner and loser; noise_scheduler.add_noise;
+    - the CLIP text encoder (fp16) on the token ids, repeated twice;
+    - theta: fp32 weights, forward under autocast fp16 with fp32 outputs (what accelerate's
+      prepare does to a model with mixed_precision fp16); the reference UNet: fp16 weights
+      (ref_unet.to(weight_dtype)), no autocast, under no_grad: its errors are fp16 tensors;
+    - errors mean over C, H, W; inside = -0.5 beta ((w - l)_theta - (w - l)_ref);
+      loss = -logsigmoid(inside).mean();
+    - accelerator.backward (fp16 loss scaling), clip_grad_norm_ 1.0, AdamW step (through the
+      scaler), lr scheduler step, zero_grad.
+    Not reproduced: xformers attention (train.py requires it; both sides here use diffusers'
+    default, PyTorch's scaled_dot_product_attention), the dataloader and logging."""
+    half = torch.float16
+    images = torch.cat(pixels.chunk(2, dim=1))                                  # (2B, 3, H, W)
+    with torch.no_grad():
+        latents = vae.encode(images.to(device, half)).latent_dist.sample()
+        latents = latents * vae.config.scaling_factor                           # (2B, 4, h, w) fp16
+    noise = torch.randn_like(latents).chunk(2)[0].repeat(2, 1, 1, 1)             # shared by w and l
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
+                      device=device).chunk(2)[0].repeat(2)                      # (2B,)
+    noisy = scheduler.add_noise(latents, noise, t)
+    hidden = text_encoder(input_ids.to(device))[0].repeat(2, 1, 1)              # (2B, 77, 768) fp16
+    with torch.autocast(device.type, dtype=half):
+        prediction = unet(noisy, t, hidden).sample
+    prediction = prediction.float()
+    theta_w, theta_l = (prediction - noise).pow(2).mean(dim=[1, 2, 3]).chunk(2)
+    with torch.no_grad():
+        ref_prediction = ref_unet(noisy, t, hidden).sample
+        ref_w, ref_l = (ref_prediction - noise).pow(2).mean(dim=[1, 2, 3]).chunk(2)
+    inside = -0.5 * beta * ((theta_w - theta_l) - (ref_w - ref_l))
+    loss = -F.logsigmoid(inside).mean()
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    scaler.step(optimizer)
+    scaler.update()
+    lr_schedule.step()
+    optimizer.zero_grad()
+    return loss.detach()
+
+
+def official_versus_sail(figures, model, seed_pairs, scratch, repeats):
+    """Part 2: the same batch of --sizes dpo_pairs pairs (one micro-batch, one optimizer step)
+    through the official train.py step and through sail.diffusion_dpo, one after the other on
+    the same GPU; every measurement holds only its own reference, optimizer and activations."""
+    device, sizes = figures.device, figures.sizes
+    pairs = (seed_pairs * sizes["dpo_pairs"])[:sizes["dpo_pairs"]]
+    resolution, batch = sizes["resolution"], len(pairs)
+    pipe = sail.load_pipeline(str(model), device)
+    unet = pipe.unet
+    args = sail.Args(resolution=resolution, effective_batch=batch, micro_batch=batch,
+                     dpo_steps=1, lr=1e-8 * 128, checkpoint_every=2)
+    latent_shape = (4, resolution // 8, resolution // 8)
+    # the step's pairs and prompts (20% empty, as both codes do) as sail's first step draws them
+    batch_pairs, prompts, *_ = sail.dpo_step_data(pairs, 0, args, "iter_0", latent_shape, 1000)
+    load = cached_image_loader(pairs, resolution)
+    pixels = torch.stack([torch.cat([load(pair[key], resolution) for key in ("chosen", "rejected")])
+                          for pair in batch_pairs])                              # (B, 6, H, W)
+    input_ids = pipe.tokenizer(prompts, max_length=pipe.tokenizer.model_max_length,
+                               padding="max_length", truncation=True, return_tensors="pt").input_ids
+    setting = f"{batch} pairs/step"
+
+    def record(name, precision, step, taken, note):
+        try:
+            seconds, peak, _ = measure(step, repeats, device)
+        except torch.OutOfMemoryError:
+            figures.add(part=2, measure=name, precision=precision, setting=setting, status="OOM")
+            return
+        figures.add(part=2, measure=name, precision=precision, setting=setting, seconds=seconds,
+                    units=batch, unit="pairs", peak_gib=peak / 1024,
+                    note=f"{note}; optimizer steps taken {len(taken)} of {repeats + 1}")
+        taken.clear()
+
+    # The official step: VAE and text encoder in fp16 (weight_dtype), reference UNet fp16
+    pipe.vae.to(torch.float16)
+    pipe.text_encoder.to(torch.float16)
+    ref_unet = sail.frozen_copy(unet, "fp16")
+    taken = []
+    optimizer = count_steps(torch.optim.AdamW(unet.parameters(), lr=args.lr, betas=(0.9, 0.999),
+                                              weight_decay=1e-2, eps=1e-8), taken)  # train.py's
+    lr_schedule = diffusers.optimization.get_scheduler(
+        "constant_with_warmup", optimizer=optimizer, num_warmup_steps=500, num_training_steps=2000)
+    scaler = torch.amp.GradScaler(device.type)
+    scheduler = sail.DDPMScheduler.from_config(pipe.scheduler.config)
+    unet.train().requires_grad_(True)
+
+    def official_step():
+        return official_dpo_step(unet, ref_unet, pipe.vae, pipe.text_encoder, scheduler,
+                                 optimizer, lr_schedule, scaler, pixels, input_ids, args.beta,
+                                 device)
+    # fp16 loss scaling starts at 2^16 and halves, skipping the optimizer step, at each overflow
+    # (both codes: torch's GradScaler): warm up until it steps, so the timed steps are a settled
+    # run's, AdamW state included; sail's steps below start from the scale found here
+    skipped = 0
+    while not taken and skipped < 30:
+        official_step()
+        skipped += 0 if taken else 1
+    settled_scale = scaler.get_scale()
+    taken.clear()
+    record("official train.py step", "fp16", official_step, taken,
+           f"fp16 mixed precision, reference fp16, AdamW, PNGs decoded ahead; {skipped} "
+           f"overflowing steps skipped before the loss scale settled at {settled_scale:g}")
+    unet.eval().requires_grad_(False)
+    unet.zero_grad(set_to_none=True)
+    del ref_unet, optimizer, lr_schedule, scaler
+    free_memory(device)
+
+    # sail.py's own step, the whole of sail.diffusion_dpo for one optimizer step
+    make_optimizer = sail.make_optimizer  # the original, for the counting wrapper below
+    for precision, cached in (("fp16", True), ("bf16", True), ("bf16", False)):
+        sail.cast_frozen_models(pipe, precision)
+        ref_unet = sail.frozen_copy(unet, precision)
+        run_args = copy.copy(args)
+        run_args.precision = precision
+        run = sail.Run(scratch / f"part2-{precision}-{cached}", run_args)
+        run.out.mkdir(parents=True)
+        run.open_log()
+        taken = []  # each call makes its optimizer: count steps, hold no optimizer alive
+        replacements = dict(make_optimizer=lambda params, make_args: count_steps(
+            make_optimizer(params, make_args), taken))
+        if cached:
+            replacements["load_image"] = load
+        settled = functools.partial(torch.amp.GradScaler, init_scale=settled_scale)
+        with patched(sail, **replacements), patched(torch.amp, GradScaler=settled):
+            record("sail.diffusion_dpo step", precision,
+                   lambda: sail.diffusion_dpo(pipe, ref_unet, pairs, run_args, "iter_0", run),
+                   taken, ("PNGs decoded ahead" if cached
+                           else "PNGs decoded inside the step (sail.load_image)")
+                   + (f"; loss scale from {settled_scale:g}" if precision == "fp16" else ""))
+        run.log_file.close()
+        del ref_unet
+        free_memory(device)
+    del pipe, unet
+    free_memory(device)
+
+
+def reward_spread(figures, model, seed_pairs, scratch):
+    """Part 3: Eq. 8 exactly as sail.py's ranking computes it (sail.implicit_reward under
+    sail.autocast, theta the fp32 UNet, the reference sail.frozen_copy in the judge's
+    precision), over the N candidates of --sizes spread_prompts prompts.
+
+    At theta == ref every reward is 0: the spread max - min over the N candidates is rounding
+    alone. The 'real' spread is fp32's after theta takes --sizes spread_dpo_steps steps of
+    sail.diffusion_dpo (bf16, AdamW at SD 1.5's lr 1.28e-6: each weight moves by about lr per
+    step) with the reference left where it was; against it, how many prompts' best-worst pair
+    each precision changes. Candidates: random N(0, 1) latents (a random-weight sampler draws
+    noise anyway). Rows: each run precision with sail.reward_precision's judge (fp32 -> fp32,
+    bf16 and fp16 -> fp16), and the old bf16 judge (reference stored in bf16, autocast bf16)."""
+    device, sizes = figures.device, figures.sizes
+    n, k, resolution = sizes["n_candidates"], sizes["k_draws"], sizes["resolution"]
+    pipe = sail.load_pipeline(str(model), device)
+    unet, scheduler = pipe.unet, sail.DDPMScheduler.from_config(pipe.scheduler.config)
+    prompts = FIGURE_PROMPTS[:sizes["spread_prompts"]]
+    # (run precision, judge precision, row name)
+    judges = [(p, reward_precision(p), f"judge {reward_precision(p)}")
+              for p in ("fp32", "bf16", "fp16")] + [("bf16", "bf16", "old judge bf16")]
+    conditioning = {}
+    for precision in {p for p, _, _ in judges}:  # the text encoder in the run's precision
+        sail.cast_frozen_models(pipe, precision)
+        conditioning[precision] = [sail.encode_text(pipe, [y], resolution) for y in prompts]
+    references = {judge: sail.frozen_copy(unet, judge) for judge in {j for _, j, _ in judges}}
+    latents = [torch.randn((n, 4, resolution // 8, resolution // 8),
+                           generator=sail.seeded(0, "spread", i)).to(device)
+               for i in range(len(prompts))]                                     # (N, 4, h, w)
+
+    def rewards(precision, judge):
+        """(P, N) rewards, and the seconds they took (CUDA synchronised)"""
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started, out = time.perf_counter(), []
+        for i in range(len(prompts)):
+            with sail.autocast(device, judge):
+                out.append(sail.implicit_reward(unet, references[judge], latents[i],
+                                                conditioning[precision][i], scheduler, 5000.0, k,
+                                                sail.seeded(0, "reward", i), 80).float().cpu())
+        return torch.stack(out), time.perf_counter() - started                   # (P, N), s
+
+    at_equal = {name: rewards(precision, judge) for precision, judge, name in judges}
+
+    # theta moves away from the references: a few real DPO steps on the seed pairs
+    train_args = sail.Args(resolution=resolution, precision=sail.default_precision(),
+                           effective_batch=sizes["effective_batch"],
+                           micro_batch=sizes["micro_batch"], dpo_steps=sizes["spread_dpo_steps"],
+                           lr=1e-8 * 128, checkpoint_every=sizes["spread_dpo_steps"] + 1)
+    sail.cast_frozen_models(pipe, train_args.precision)
+    run = sail.Run(scratch / "part3", train_args)
+    run.out.mkdir(parents=True)
+    run.open_log()
+    sail.diffusion_dpo(pipe, references["fp32"], seed_pairs, train_args, "iter_0", run)
+    run.log_file.close()
+    unet.zero_grad(set_to_none=True)
+    free_memory(device)
+    # (P, N) rewards and the seconds of each judge, warm by now: its ranking rate
+    after = {name: rewards(precision, judge) for precision, judge, name in judges}
+    trained = {name: value for name, (value, _) in after.items()}
+    truth = trained["judge fp32"]
+    real_spread = (truth.max(1).values - truth.min(1).values).mean().item()
+    best_worst = torch.stack([truth.argmax(1), truth.argmin(1)], 1)             # (P, 2)
+    for precision, judge, name in judges:
+        equal, seconds = at_equal[name][0], after[name][1]
+        spread = (equal.max(1).values - equal.min(1).values).mean().item()
+        pairs = torch.stack([trained[name].argmax(1), trained[name].argmin(1)], 1)
+        changed = int((pairs != best_worst).any(1).sum())
+        error = (trained[name] - truth).abs().max().item()
+        figures.add(part=3, measure=f"Eq. 8 spread, {name}", precision=precision,
+                    setting=f"{len(prompts)} prompts x N={n}, K={k}", seconds=seconds,
+                    units=len(prompts) * n, unit="images",
+                    note=f"spread at theta == ref {spread:.4g}; real spread (fp32, after "
+                         f"{train_args.dpo_steps} DPO steps) {real_spread:.4g}; ratio "
+                         f"{spread / real_spread if real_spread else float('nan'):.3g}; "
+                         f"best-worst pairs changed vs fp32 {changed} of {len(prompts)}; "
+                         f"max |r - r_fp32| {error:.3g}",
+                    value=spread)
+    del pipe, unet, references
+    free_memory(device)
+
+
+def sdxl_shaped_pipeline(folder, toy):
+    """SDXL's architecture with random weights, from configs: its UNet (2.6B parameters; --toy:
+    a tiny one with the same conditioning), SD's VAE with SDXL's scaling factor, and two text
+    encoders of SDXL's sizes (CLIP ViT-L and OpenCLIP bigG: hidden 768 and 1280, pooled 1280)
+    under the word-level tokenizer: the conditioning has SDXL's shapes and cost."""
+    if toy:
+        base = sail.build_tiny_pipeline(folder)
+        text_config = base.text_encoder.config.to_dict()
+        text_encoder_2 = CLIPTextModelWithProjection(
+            sail.CLIPTextConfig(**{**text_config, "projection_dim": 32}))
+        unet = sail.UNet2DConditionModel(
+            sample_size=8, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+            attention_head_dim=(2, 4), norm_num_groups=8, cross_attention_dim=64,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=32 + 6 * 8)
+        return sail.StableDiffusionXLPipeline(
+            vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=text_encoder_2,
+            tokenizer=base.tokenizer, tokenizer_2=base.tokenizer, unet=unet,
+            scheduler=base.scheduler)
+    tokenizer = sail.tiny_tokenizer(folder)
+    tokenizer.model_max_length = 77
+    text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(  # OpenCLIP bigG's sizes
+        tokenizer, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+        num_attention_heads=20, projection_dim=1280, hidden_act="gelu"))
+    unet = sail.UNet2DConditionModel(
+        sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    return sail.StableDiffusionXLPipeline(
+        vae=sd_vae(scaling_factor=0.13025),
+        text_encoder=sail.CLIPTextModel(clip_text_config(tokenizer)), text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=sd_scheduler())
+
+
+def sdxl_step(figures, scratch, repeats):
+    """Part 4: one sail.diffusion_dpo optimizer step of an SDXL-shaped model at --sizes
+    sdxl_resolution with the SDXL preset (Adafactor), bf16 frozen models, --sizes sdxl_pairs
+    pairs, with and without gradient checkpointing (the official code always checkpoints SDXL)."""
+    device, sizes = figures.device, figures.sizes
+    resolution = sizes["sdxl_resolution"]
+    started = time.perf_counter()
+    (scratch / "sdxl-tokenizer").mkdir()
+    with torch.device(device):  # built where it runs: no 10 GB copy from the CPU
+        pipe = sdxl_shaped_pipeline(scratch / "sdxl-tokenizer", figures.toy)
+    pipe.scheduler = sail.DDPMScheduler.from_config(pipe.scheduler.config)  # its tensors on the CPU
+    pipe = sail.prepare_pipeline(pipe, device)
+    precision = "bf16"
+    sail.cast_frozen_models(pipe, precision)
+    ref_unet = sail.frozen_copy(pipe.unet, precision)
+    parameters = sum(p.numel() for p in pipe.unet.parameters())
+    print(f"part 4: SDXL-shaped pipeline built in {time.perf_counter() - started:.1f} s; UNet "
+          f"{parameters / 1e9:.3g}B parameters", flush=True)
+    pairs = sail.read_seed_pairs(write_random_pairs(
+        scratch / "sdxl-pairs", sizes["sdxl_pairs"], resolution, FIGURE_PROMPTS))
+    args = sail.Args(**{**sail.SDXL_PRESET, "resolution": resolution}, precision=precision,
+                     effective_batch=len(pairs), micro_batch=len(pairs), dpo_steps=1,
+                     lr=1e-8 * 128, checkpoint_every=2)
+    run = sail.Run(scratch / "part4", args)
+    run.out.mkdir(parents=True)
+    run.open_log()
+    with patched(sail, load_image=cached_image_loader(pairs, resolution)):
+        for checkpointing in (True, False):
+            if checkpointing:
+                pipe.unet.enable_gradient_checkpointing()
+            else:
+                pipe.unet.disable_gradient_checkpointing()
+            name = ("SDXL DPO step, Adafactor, gradient checkpointing "
+                    + ("on" if checkpointing else "off"))
+            setting = f"{len(pairs)} pairs/step, {resolution} px"
+            try:
+                seconds, peak, _ = measure(
+                    lambda: sail.diffusion_dpo(pipe, ref_unet, pairs, args, "iter_0", run),
+                    repeats, device)
+                figures.add(part=4, measure=name, precision=precision, setting=setting,
+                            seconds=seconds, units=len(pairs), unit="pairs",
+                            peak_gib=peak / 1024, note=f"UNet {parameters / 1e9:.3g}B parameters")
+            except torch.OutOfMemoryError:
+                figures.add(part=4, measure=name, precision=precision, setting=setting,
+                            status="OOM")
+            pipe.unet.zero_grad(set_to_none=True)
+            pipe.unet.eval().requires_grad_(False)
+            free_memory(device)
+    run.log_file.close()
+    del pipe, ref_unet
+    free_memory(device)
+
+
+def figures_markdown(figures):
+    """results.md: the machine, the sizes, then a table per part, with the ratios of part 2."""
+    device, rows = figures.device, figures.rows
+    machine = (torch.cuda.get_device_name() if device.type == "cuda"
+               else f"CPU, {torch.get_num_threads()} threads")
+    tf32 = (f"TF32 matmul {torch.backends.cuda.matmul.allow_tf32}, TF32 cuDNN "
+            f"{torch.backends.cudnn.allow_tf32}")
+    lines = [f"# bench.py --gpu-figures{' --toy' if figures.toy else ''}", "",
+             f"Machine: {machine}; torch {torch.__version__}, diffusers {diffusers.__version__}, "
+             f"transformers {sail.transformers.__version__}; {tf32}; "
+             f"{figures.elapsed():.0f} s so far (--budget-s {figures.budget_s:g}). Random weights, "
+             "SD 1.5 / SDXL shapes. Peak memory: torch.cuda.max_memory_allocated, reset at each "
+             "measurement's start (CPU: peak resident memory).", "",
+             "Sizes: " + ", ".join(f"{k} {v}" for k, v in figures.sizes.items()), ""]
+
+    def table(part, title, header, cells):
+        chosen = [r for r in rows if r["part"] == part]
+        if not chosen:
+            return
+        lines.extend([f"## {title}", "", "| " + " | ".join(header) + " |",
+                      "|" + "---|" * len(header)])
+        lines.extend("| " + " | ".join(cells(r)) + " |" for r in chosen)
+        lines.append("")
+
+    def number(value, spec):
+        return "" if value == "" else format(value, spec)
+
+    def rate(r):
+        return "" if r["per_second"] == "" else f"{r['per_second']:.3g} {r['unit']}/s"
+
+    table(1, "1. A whole `sail.py --iters 1` per precision, stage by stage",
+          ["precision", "stage", "seconds", "rate", "peak GiB", "status", "note"],
+          lambda r: [r["precision"], r["measure"], number(r["seconds"], ".2f"), rate(r),
+                     number(r["peak_gib"], ".2f"), r["status"], r["note"]])
+    for precision in ("fp32", "bf16", "fp16"):  # what the stages leave out: saving, copies
+        mine = [r for r in rows if r["part"] == 1 and r["precision"] == precision
+                and r["status"] == "ok" and r["seconds"] != ""]
+        whole = [r["seconds"] for r in mine if r["measure"] == "whole run (sail.main)"]
+        if whole:
+            staged = sum(r["seconds"] for r in mine if r["measure"].startswith(
+                ("load model", "evaluation", "self-labelling", "DPO")))
+            lines.append(f"- {precision}: {whole[0] - staged:.1f} s of the whole run's "
+                         f"{whole[0]:.1f} s are outside those stages (saving each stage's UNet, "
+                         "frozen copies, moving the base UNet between CPU and GPU)")
+    if any(r["part"] == 1 for r in rows):
+        lines.append("")
+    table(2, "2. Diffusion-DPO step: official train.py vs sail.py (same pairs, same GPU)",
+          ["implementation", "precision", "batch", "s/step", "pairs/s", "peak GiB", "status",
+           "note"],
+          lambda r: [r["measure"], r["precision"], r["setting"], number(r["seconds"], ".3f"),
+                     number(r["per_second"], ".3g"), number(r["peak_gib"], ".2f"), r["status"],
+                     r["note"]])
+    official = [r for r in rows if r["part"] == 2 and r["measure"].startswith("official")
+                and r["status"] == "ok"]
+    for r in rows:
+        if official and r["part"] == 2 and r["measure"].startswith("sail") and r["status"] == "ok":
+            lines.append(f"- sail.py {r['precision']} ({r['note']}) / official: pairs/s "
+                         f"{r['per_second'] / official[0]['per_second']:.2f}x, peak memory "
+                         f"{r['peak_gib'] / official[0]['peak_gib']:.2f}x")
+    if official:
+        lines.append("")
+    table(3, "3. Eq. 8 rounding spread at theta == ref vs the real spread",
+          ["run precision", "judge", "setting", "spread at theta == ref", "details",
+           "ranking rate", "status"],
+          lambda r: [r["precision"], r["measure"].split(", ", 1)[-1], r["setting"],
+                     number(r["value"], ".4g"), r["note"], rate(r), r["status"]])
+    table(4, "4. SDXL-shaped DPO step, SDXL preset",
+          ["measure", "precision", "batch", "s/step", "pairs/s", "peak GiB", "status", "note"],
+          lambda r: [r["measure"], r["precision"], r["setting"], number(r["seconds"], ".3f"),
+                     number(r["per_second"], ".3g"), number(r["peak_gib"], ".2f"), r["status"],
+                     r["note"]])
+    return "\n".join(lines) + "\n"
+
+
+class Tee:
+    """sys.stdout / sys.stderr that also write to the run's log file."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text):
+        self.log.write(text)
+        self.log.flush()
+        return self.stream.write(text)
+
+    def flush(self):
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def gpu_figures(device, out, options):
+    """The four parts in the order that keeps the costliest (fp32 generation) last."""
+    sizes = dict(TOY_SIZES if options.toy else GPU_SIZES)
+    for item in filter(None, (options.sizes or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in sizes:
+            raise SystemExit(f"error: --sizes {key}: unknown (known: {', '.join(sizes)})")
+        sizes[key] = type(sizes[key])(value)
+    parts = {int(p) for p in options.parts.split(",")}
+    figures = Figures(out, device, sizes, options.budget_s, options.toy)
+    figures.precisions = options.precisions.split(",")
+    print(f"bench --gpu-figures on {device}: parts {sorted(parts)}, precisions "
+          f"{figures.precisions}, sizes {sizes}", flush=True)
+    free = shutil.disk_usage(tempfile.gettempdir()).free / 2 ** 30
+    print(f"scratch folder {tempfile.gettempdir()} (set TMPDIR to move it): {free:.0f} GiB free; "
+          "part 1 needs about 30 GiB at SD 1.5 size (sail.py's own disk check)", flush=True)
+    if not hasattr(sail, "reward_precision"):
+        print("note: this sail.py has no reward_precision: part 3 uses bench's copy of its rule "
+              "(fp32 -> fp32, bf16 and fp16 -> fp16)", flush=True)
+    failed = False
+    # the fp16 loss scaler skips overflowing steps, lr scheduler included: expected, not news
+    warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+
+    def attempt(part, name, precision, expected_s, work):
+        nonlocal failed
+        if not figures.fits(part, name, precision, expected_s):
+            return
+        try:
+            work()
+        except torch.OutOfMemoryError as error:  # the row of the stage that ran out is recorded
+            figures.add(part=part, measure=name, precision=precision, status="OOM",
+                        note=str(error).splitlines()[0][:200])
+        except Exception as error:  # one part's failure must not cost the others their GPU time
+            traceback.print_exc()
+            figures.add(part=part, measure=name, precision=precision,
+                        status=f"error: {type(error).__name__}: {error}"[:300])
+            failed = True
+        free_memory(device)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        started = time.perf_counter()
+        model = scratch / "sd15-shaped"
+        (scratch / "tokenizer").mkdir()
+        if options.toy:
+            sail.build_tiny_pipeline(scratch / "tokenizer").save_pretrained(model)
+        else:
+            with torch.device(device):  # random init on the GPU: seconds, not a minute of CPU
+                pipe = sd15_shaped_pipeline(scratch / "tokenizer")
+            pipe.save_pretrained(model)
+            del pipe
+            free_memory(device)
+        seed_pairs_file = write_random_pairs(scratch / "seed", sizes["seed_pairs"],
+                                             sizes["resolution"], FIGURE_PROMPTS)
+        seed_pairs = sail.read_seed_pairs(seed_pairs_file)
+        figures.add(part=0, measure="build and save the SD 1.5-shaped pipeline, write seed pairs",
+                    seconds=time.perf_counter() - started)
+        first = [p for p in figures.precisions if p != "fp32"]
+        if 1 in parts:
+            for precision in first:
+                attempt(1, "whole run", precision, EXPECTED_SECONDS[precision], lambda: whole_runs(
+                    figures, model, seed_pairs_file, scratch, precision))
+        if 2 in parts:
+            attempt(2, "official vs sail", "", EXPECTED_SECONDS[2], lambda: official_versus_sail(
+                figures, model, seed_pairs, scratch, sizes["repeats"]))
+        if 3 in parts:
+            attempt(3, "Eq. 8 spread", "", EXPECTED_SECONDS[3], lambda: reward_spread(
+                figures, model, seed_pairs, scratch))
+        if 4 in parts:
+            attempt(4, "SDXL DPO step", "bf16", EXPECTED_SECONDS[4], lambda: sdxl_step(
+                figures, scratch, sizes["repeats"]))
+        if 1 in parts and "fp32" in figures.precisions:
+            attempt(1, "whole run", "fp32", EXPECTED_SECONDS["fp32"], lambda: whole_runs(
+                figures, model, seed_pairs_file, scratch, "fp32"))
+    figures.add(part=0, measure="total", seconds=figures.elapsed())
+    print((out / "results.md").read_text())
+    return 1 if failed else 0
+
+
 def ratio(rows, slow, fast):
     seconds = {r["measure"]: r["seconds"] for r in rows}
     return seconds[slow] / seconds[fast]
@@ -360,12 +1122,36 @@ def main(argv=None):
                         help="instead: peak memory of one SD 1.5-shaped DPO step per memory "
                              "option (precision, gradient checkpointing, optimizer)")
     parser.add_argument("--pairs", type=int, default=1, help="--memory only: pairs per micro-batch")
+    parser.add_argument("--gpu-figures", action="store_true",
+                        help="instead: the GPU figures of issue 17 in one run of at most 8 "
+                             "minutes (parts 1-4, see the section's comment in bench.py)")
+    parser.add_argument("--toy", action="store_true",
+                        help="--gpu-figures only: toy sizes and tiny models (CPU, seconds)")
+    parser.add_argument("--parts", default="1,2,3,4", help="--gpu-figures only: which parts")
+    parser.add_argument("--precisions", default="fp32,bf16,fp16",
+                        help="--gpu-figures only: part 1's --precision values")
+    parser.add_argument("--sizes", default="",
+                        help="--gpu-figures only: key=value,... overriding the counts: "
+                             + ", ".join(GPU_SIZES))
+    parser.add_argument("--budget-s", type=float, default=450,
+                        help="--gpu-figures only: skip a part that would end after this many "
+                             "seconds (the estimates are bench.EXPECTED_SECONDS)")
     options = parser.parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(options.out)
     if out.exists():
         print(f"error: --out {out}: already exists; choose a new folder", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if options.gpu_figures:
+        out.mkdir(parents=True)  # now: every row is saved as it completes
+        log = open(out / "log", "w")
+        streams = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = Tee(sys.stdout, log), Tee(sys.stderr, log)
+        try:
+            return gpu_figures(device, out, options)
+        finally:
+            sys.stdout, sys.stderr = streams
+            log.close()
     if options.memory:
         memory(device, options.pairs, options.resolution, out)
         return 0

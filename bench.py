@@ -363,14 +363,6 @@ def gpu_peak_gib(device):
     return peak_memory_mb(device) / 1024
 
 
-def reward_precision(precision):
-    """sail.reward_precision (Eq. 8's judge precision: fp32 stays fp32, bf16 and fp16 judge in
-    fp16), or the same rule while the sail.py in use predates it (gpu_figures says so)."""
-    if hasattr(sail, "reward_precision"):
-        return sail.reward_precision(precision)
-    return "fp32" if precision == "fp32" else "fp16"
-
-
 def count_steps(optimizer, taken):
     """Count the optimizer's steps in the list `taken`: the fp16 loss scaler skips the step (and
     AdamW allocates no state) when a gradient overflows."""
@@ -550,7 +542,10 @@ def whole_runs(figures, model, seed_pairs_file, scratch, precision):
     fp32 inside the budget; the generation rate is read from the candidates, not evaluation."""
     sizes = figures.sizes
     prompts_file = scratch / "prompts.txt"
-    prompts_file.write_text("\n".join(FIGURE_PROMPTS[:sizes["prompts_per_iter"]]) + "\n")
+    # the iteration's prompts, then one that no seed pair has: the evaluation prompt (sail.py
+    # evaluates a real model on prompts no stage trains on)
+    prompts_file.write_text("\n".join([*FIGURE_PROMPTS[:sizes["prompts_per_iter"]],
+                                       "a white star"]) + "\n")
     out = scratch / f"run-{precision}"
     argv = ["--model", str(model), "--iters", "1", "--precision", precision,
             "--resolution", str(sizes["resolution"]), "--prompts", str(prompts_file),
@@ -566,7 +561,7 @@ def whole_runs(figures, model, seed_pairs_file, scratch, precision):
     timer = StageTimer(figures, precision)
     whole = timer.wrap(sail.main, "whole run (sail.main)")
     try:
-        with patched(sail, EVAL_SEEDS=sizes["eval_seeds"], **timer.wrappers()):
+        with patched(sail, EVAL_SEEDS=sizes["eval_seeds"], EVAL_PROMPTS=1, **timer.wrappers()):
             code = whole(argv)
         if code != 0:
             raise RuntimeError(f"sail.main returned {code}")
@@ -643,15 +638,17 @@ def official_versus_sail(figures, model, seed_pairs, scratch, repeats):
                                padding="max_length", truncation=True, return_tensors="pt").input_ids
     setting = f"{batch} pairs/step"
 
-    def record(name, precision, step, taken, note):
+    def record(name, precision, step, taken, note, steps=1):
+        """steps: optimizer steps per call (sail.diffusion_dpo: its set-up is paid once a call)"""
+        where = setting + (f", {steps} steps per call" if steps > 1 else "")
         try:
             seconds, peak, _ = measure(step, repeats, device)
         except torch.OutOfMemoryError:
-            figures.add(part=2, measure=name, precision=precision, setting=setting, status="OOM")
+            figures.add(part=2, measure=name, precision=precision, setting=where, status="OOM")
             return
-        figures.add(part=2, measure=name, precision=precision, setting=setting, seconds=seconds,
-                    units=batch, unit="pairs", peak_gib=peak / 1024,
-                    note=f"{note}; optimizer steps taken {len(taken)} of {repeats + 1}")
+        figures.add(part=2, measure=name, precision=precision, setting=where, seconds=seconds,
+                    units=batch * steps, unit="pairs", peak_gib=peak / 1024,
+                    note=f"{note}; optimizer steps taken {len(taken)} of {(repeats + 1) * steps}")
         taken.clear()
 
     # The official step: VAE and text encoder in fp16 (weight_dtype), reference UNet fp16
@@ -690,12 +687,14 @@ def official_versus_sail(figures, model, seed_pairs, scratch, repeats):
 
     # sail.py's own step, the whole of sail.diffusion_dpo for one optimizer step
     make_optimizer = sail.make_optimizer  # the original, for the counting wrapper below
-    for precision, cached in (("fp16", True), ("bf16", True), ("bf16", False)):
+    for precision, cached, steps in (("fp16", True, 1), ("bf16", True, 1), ("bf16", True, 5),
+                                     ("bf16", False, 1)):
         sail.cast_frozen_models(pipe, precision)
         ref_unet = sail.frozen_copy(unet, precision)
         run_args = copy.copy(args)
-        run_args.precision = precision
-        run = sail.Run(scratch / f"part2-{precision}-{cached}", run_args)
+        run_args.precision, run_args.dpo_steps = precision, steps
+        run_args.checkpoint_every = steps + 1  # no checkpoint (and no resuming from one)
+        run = sail.Run(scratch / f"part2-{precision}-{cached}-{steps}", run_args)
         run.out.mkdir(parents=True)
         run.open_log()
         taken = []  # each call makes its optimizer: count steps, hold no optimizer alive
@@ -703,13 +702,14 @@ def official_versus_sail(figures, model, seed_pairs, scratch, repeats):
             make_optimizer(params, make_args), taken))
         if cached:
             replacements["load_image"] = load
-        settled = functools.partial(torch.amp.GradScaler, init_scale=settled_scale)
-        with patched(sail, **replacements), patched(torch.amp, GradScaler=settled):
+        with patched(sail, **replacements):
             record("sail.diffusion_dpo step", precision,
-                   lambda: sail.diffusion_dpo(pipe, ref_unet, pairs, run_args, "iter_0", run),
+                   lambda: sail.diffusion_dpo(pipe, ref_unet, pairs, run_args, "iter_0", run,
+                                              loss_scale=settled_scale),
                    taken, ("PNGs decoded ahead" if cached
                            else "PNGs decoded inside the step (sail.load_image)")
-                   + (f"; loss scale from {settled_scale:g}" if precision == "fp16" else ""))
+                   + (f"; loss scale from {settled_scale:g}" if precision == "fp16" else ""),
+                   steps)
         run.log_file.close()
         del ref_unet
         free_memory(device)
@@ -724,19 +724,19 @@ def reward_spread(figures, model, seed_pairs, scratch):
 
     At theta == ref every reward is 0: the spread max - min over the N candidates is rounding
     alone. The 'real' spread is fp32's after theta takes --sizes spread_dpo_steps steps of
-    sail.diffusion_dpo (bf16, AdamW at SD 1.5's lr 1.28e-6: each weight moves by about lr per
-    step) with the reference left where it was; against it, how many prompts' best-worst pair
-    each precision changes. Candidates: random N(0, 1) latents (a random-weight sampler draws
-    noise anyway). Rows: each run precision with sail.reward_precision's judge (fp32 -> fp32,
-    bf16 and fp16 -> fp16), and the old bf16 judge (reference stored in bf16, autocast bf16)."""
+    sail.diffusion_dpo (bf16, AdamW: each weight moves by about lr per step) with the reference
+    left where it was, at SD 1.5's lr 1.28e-6 and at 150 x it (2 steps then move theta about as
+    far as the ~300 steps of one paper-sized stage); against it, each judge's largest reward
+    error (the row's value: as a fraction of the real spread) and how many prompts' best-worst
+    pair it changes. Candidates: random N(0, 1) latents (a random-weight sampler draws noise
+    anyway). Rows: --reward-precision fp32, fp16 and bf16 (each reference stored in it)."""
     device, sizes = figures.device, figures.sizes
     n, k, resolution = sizes["n_candidates"], sizes["k_draws"], sizes["resolution"]
     pipe = sail.load_pipeline(str(model), device)
     unet, scheduler = pipe.unet, sail.DDPMScheduler.from_config(pipe.scheduler.config)
     prompts = FIGURE_PROMPTS[:sizes["spread_prompts"]]
     # (run precision, judge precision, row name)
-    judges = [(p, reward_precision(p), f"judge {reward_precision(p)}")
-              for p in ("fp32", "bf16", "fp16")] + [("bf16", "bf16", "old judge bf16")]
+    judges = [("bf16", judge, f"judge {judge}") for judge in ("fp32", "fp16", "bf16")]
     conditioning = {}
     for precision in {p for p, _, _ in judges}:  # the text encoder in the run's precision
         sail.cast_frozen_models(pipe, precision)
@@ -759,43 +759,92 @@ def reward_spread(figures, model, seed_pairs, scratch):
         return torch.stack(out), time.perf_counter() - started                   # (P, N), s
 
     at_equal = {name: rewards(precision, judge) for precision, judge, name in judges}
-
-    # theta moves away from the references: a few real DPO steps on the seed pairs
-    train_args = sail.Args(resolution=resolution, precision=sail.default_precision(),
-                           effective_batch=sizes["effective_batch"],
-                           micro_batch=sizes["micro_batch"], dpo_steps=sizes["spread_dpo_steps"],
-                           lr=1e-8 * 128, checkpoint_every=sizes["spread_dpo_steps"] + 1)
-    sail.cast_frozen_models(pipe, train_args.precision)
-    run = sail.Run(scratch / "part3", train_args)
-    run.out.mkdir(parents=True)
-    run.open_log()
-    sail.diffusion_dpo(pipe, references["fp32"], seed_pairs, train_args, "iter_0", run)
-    run.log_file.close()
-    unet.zero_grad(set_to_none=True)
-    free_memory(device)
-    # (P, N) rewards and the seconds of each judge, warm by now: its ranking rate
-    after = {name: rewards(precision, judge) for precision, judge, name in judges}
-    trained = {name: value for name, (value, _) in after.items()}
-    truth = trained["judge fp32"]
-    real_spread = (truth.max(1).values - truth.min(1).values).mean().item()
-    best_worst = torch.stack([truth.argmax(1), truth.argmin(1)], 1)             # (P, 2)
-    for precision, judge, name in judges:
-        equal, seconds = at_equal[name][0], after[name][1]
-        spread = (equal.max(1).values - equal.min(1).values).mean().item()
-        pairs = torch.stack([trained[name].argmax(1), trained[name].argmin(1)], 1)
-        changed = int((pairs != best_worst).any(1).sum())
-        error = (trained[name] - truth).abs().max().item()
-        figures.add(part=3, measure=f"Eq. 8 spread, {name}", precision=precision,
-                    setting=f"{len(prompts)} prompts x N={n}, K={k}", seconds=seconds,
-                    units=len(prompts) * n, unit="images",
-                    note=f"spread at theta == ref {spread:.4g}; real spread (fp32, after "
-                         f"{train_args.dpo_steps} DPO steps) {real_spread:.4g}; ratio "
-                         f"{spread / real_spread if real_spread else float('nan'):.3g}; "
-                         f"best-worst pairs changed vs fp32 {changed} of {len(prompts)}; "
-                         f"max |r - r_fp32| {error:.3g}",
-                    value=spread)
+    original = {name: value.clone() for name, value in unet.state_dict().items()}
+    # theta moves away from the references: 2 real DPO steps on the seed pairs, at SD 1.5's lr
+    # (a move of ~2 lr per weight, below fp16's resolution) and at 150 x it (about the move of
+    # the ~300 steps of one paper-sized stage)
+    for scale in (1, 150):
+        unet.load_state_dict(original)
+        train_args = sail.Args(resolution=resolution, precision=sail.default_precision(),
+                               effective_batch=sizes["effective_batch"],
+                               micro_batch=sizes["micro_batch"],
+                               dpo_steps=sizes["spread_dpo_steps"], lr=1e-8 * 128 * scale,
+                               warmup_steps=0, checkpoint_every=sizes["spread_dpo_steps"] + 1)
+        sail.cast_frozen_models(pipe, train_args.precision)
+        run = sail.Run(scratch / f"part3-{scale}", train_args)
+        run.out.mkdir(parents=True)
+        run.open_log()
+        sail.diffusion_dpo(pipe, references["fp32"], seed_pairs, train_args, "iter_0", run)
+        run.log_file.close()
+        unet.zero_grad(set_to_none=True)
+        free_memory(device)
+        # (P, N) rewards and the seconds of each judge, warm by now: its ranking rate
+        after = {name: rewards(precision, judge) for precision, judge, name in judges}
+        trained = {name: value for name, (value, _) in after.items()}
+        truth = trained["judge fp32"]
+        real_spread = (truth.max(1).values - truth.min(1).values).mean().item()
+        best_worst = torch.stack([truth.argmax(1), truth.argmin(1)], 1)         # (P, 2)
+        for precision, judge, name in judges:
+            equal, seconds = at_equal[name][0], after[name][1]
+            spread = (equal.max(1).values - equal.min(1).values).mean().item()
+            pairs = torch.stack([trained[name].argmax(1), trained[name].argmin(1)], 1)
+            changed = int((pairs != best_worst).any(1).sum())
+            error = (trained[name] - truth).abs().max().item()
+            figures.add(part=3, measure=f"Eq. 8 spread, {name}", precision=precision,
+                        setting=f"{len(prompts)} prompts x N={n}, K={k}; theta moved "
+                                f"{train_args.dpo_steps} steps at {scale} x lr 1.28e-6",
+                        seconds=seconds, units=len(prompts) * n, unit="images",
+                        note=f"spread at theta == ref {spread:.4g}; real spread (fp32) "
+                             f"{real_spread:.4g}; ratio "
+                             f"{spread / real_spread if real_spread else float('nan'):.3g}; "
+                             f"best-worst pairs changed vs fp32 {changed} of {len(prompts)}; "
+                             f"max abs(r - r_fp32) {error:.3g}",
+                        value=error / real_spread if real_spread else float("nan"))
     del pipe, unet, references
     free_memory(device)
+
+
+def tiny_reward_precision(run, device, prompts=sail.TINY_PROMPTS):
+    """Eq. 8 in fp32, fp16 and bf16 on a finished tiny run: theta = its step-0 model, the judge's
+    reference = its base (as iteration 1 judges). Per judge: the spread of the N rewards at
+    theta == ref (base against itself: rounding alone) and with the real theta, the largest
+    error against the fp32 judge, and how many prompts' best-worst pair it changes."""
+    args = sail.parse_args(["--tiny"])
+    pipe = sail.load_pipeline(str(run / "tiny_base"), device)
+    sail.set_sampler(pipe, args)
+    base = pipe.unet
+    theta = sail.UNet2DConditionModel.from_pretrained(run / "iter_0" / "unet").to(device)
+    scheduler = sail.DDPMScheduler.from_config(pipe.scheduler.config)
+    judges = ("fp32", "fp16", "bf16")
+    found = {judge: dict(equal=[], real=[], changed=0, error=0.0) for judge in judges}
+    for j, prompt in enumerate(prompts):
+        pipe.unet = theta  # candidates from the step-0 model, as iteration 1 draws them
+        latents = sail.generate(pipe, [prompt], args.n_candidates, args,
+                                [sail.seeded(0, "candidate", j, c) for c in range(args.n_candidates)])
+        cond = sail.encode_text(pipe, [prompt], args.resolution)
+        rewards = {}
+        for judge in judges:
+            ref = sail.frozen_copy(base, judge)
+            for name, model in (("equal", base), ("real", theta)):
+                with sail.autocast(device, judge):
+                    rewards[judge, name] = sail.implicit_reward(
+                        model, ref, latents, cond, scheduler, args.beta, args.k_draws,
+                        sail.seeded(0, "reward", j), args.reward_batch)          # (N,)
+        truth = rewards["fp32", "real"]
+        for judge in judges:
+            equal, r = rewards[judge, "equal"], rewards[judge, "real"]
+            found[judge]["equal"].append((equal.max() - equal.min()).item())
+            found[judge]["real"].append((r.max() - r.min()).item())
+            found[judge]["changed"] += ((int(r.argmax()), int(r.argmin()))
+                                        != (int(truth.argmax()), int(truth.argmin())))
+            found[judge]["error"] = max(found[judge]["error"], (r - truth).abs().max().item())
+    print(f"| judge | spread at theta == ref | real spread | ratio | best-worst changed vs fp32 "
+          f"| max abs(r - r_fp32) |\n|---|---|---|---|---|---|")
+    for judge, f in found.items():
+        equal, real = statistics.mean(f["equal"]), statistics.mean(f["real"])
+        print(f"| {judge} | {equal:.3g} | {real:.3g} | {equal / real:.1%} | {f['changed']} of "
+              f"{len(prompts)} | {f['error']:.3g} |")
+    return 0
 
 
 def sdxl_shaped_pipeline(folder, toy):
@@ -952,7 +1001,7 @@ def figures_markdown(figures):
     if official:
         lines.append("")
     table(3, "3. Eq. 8 rounding spread at theta == ref vs the real spread",
-          ["run precision", "judge", "setting", "spread at theta == ref", "details",
+          ["run precision", "judge", "setting", "max abs(r - r_fp32) / real spread", "details",
            "ranking rate", "status"],
           lambda r: [r["precision"], r["measure"].split(", ", 1)[-1], r["setting"],
                      number(r["value"], ".4g"), r["note"], rate(r), r["status"]])
@@ -998,9 +1047,6 @@ def gpu_figures(device, out, options):
     free = shutil.disk_usage(tempfile.gettempdir()).free / 2 ** 30
     print(f"scratch folder {tempfile.gettempdir()} (set TMPDIR to move it): {free:.0f} GiB free; "
           "part 1 needs about 30 GiB at SD 1.5 size (sail.py's own disk check)", flush=True)
-    if not hasattr(sail, "reward_precision"):
-        print("note: this sail.py has no reward_precision: part 3 uses bench's copy of its rule "
-              "(fp32 -> fp32, bf16 and fp16 -> fp16)", flush=True)
     failed = False
     # the fp16 loss scaler skips overflowing steps, lr scheduler included: expected, not news
     warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
@@ -1122,6 +1168,9 @@ def main(argv=None):
                         help="instead: peak memory of one SD 1.5-shaped DPO step per memory "
                              "option (precision, gradient checkpointing, optimizer)")
     parser.add_argument("--pairs", type=int, default=1, help="--memory only: pairs per micro-batch")
+    parser.add_argument("--reward-precision-of", metavar="RUN",
+                        help="instead: Eq. 8 per --reward-precision on a tiny-world run's step-0 "
+                             "model against its base (the README's tiny-world table)")
     parser.add_argument("--gpu-figures", action="store_true",
                         help="instead: the GPU figures of issue 17 in one run of at most 8 "
                              "minutes (parts 1-4, see the section's comment in bench.py)")
@@ -1142,6 +1191,8 @@ def main(argv=None):
         print(f"error: --out {out}: already exists; choose a new folder", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if options.reward_precision_of:
+        return tiny_reward_precision(Path(options.reward_precision_of), device)
     if options.gpu_figures:
         out.mkdir(parents=True)  # now: every row is saved as it completes
         log = open(out / "log", "w")

@@ -67,8 +67,9 @@ def open_shards(paths):
     return shards
 
 
-def open_dataset(name, split):
-    """A `datasets` dataset as one source: a save_to_disk folder, or a hub name (streamed)."""
+def open_dataset(name, split, shuffle_seed=None):
+    """A `datasets` dataset as one source: a save_to_disk folder, or a hub name (streamed);
+    with shuffle_seed, its rows in a fixed shuffled order (streamed: shards and a buffer)."""
     try:
         import datasets
     except ImportError:
@@ -87,6 +88,9 @@ def open_dataset(name, split):
     if data.column_names is not None:  # a streamed dataset may not know its columns up front
         check_columns(name, data.column_names)
     count = len(data) if isinstance(data, datasets.Dataset) else None
+    if shuffle_seed is not None:
+        data = (data.shuffle(seed=shuffle_seed) if count is not None
+                else data.shuffle(seed=shuffle_seed, buffer_size=1000))
     label = f"{Path(name).name}-{split}".replace("/", "_")
     return [(label, lambda columns: iter(data.select_columns(columns)), count)]
 
@@ -152,6 +156,52 @@ def import_pairs(sources, out, fraction, n_pairs, seed):
                           "rejected": f"images/{names[1 - winner]}"})
     bar.close()
     return pairs, counts
+
+
+def default_subset(dataset, out, n_pairs, n_prompts, seed=0, split="train"):
+    """sail.py's default data for a real model, written once to `out` and reused after.
+
+    The rows of `dataset` in a fixed shuffled order: the first n_pairs non-tied pairs are the
+    seed pairs (seed_pairs.json, images/), and the captions of the rows after them, other than
+    the seed pairs' captions, are the n_prompts prompts (prompts.txt, written last: its presence
+    means the cache is complete). Only as many rows are read as needed.
+    """
+    out = Path(out)
+    if (out / "prompts.txt").exists():
+        return
+    [(name, rows, _)] = open_dataset(dataset, split, shuffle_seed=seed)
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    pairs, prompts, captions = [], [], set()
+    bar = tqdm(total=n_pairs + n_prompts, desc="Pick-a-Pic: seed pairs, then prompts", unit="row")
+    for row, record in enumerate(rows(COLUMNS)):
+        caption = " ".join(str(record["caption"]).split())  # one line each in prompts.txt
+        if len(pairs) < n_pairs:
+            extensions = [image_extension(record[f"jpg_{i}"]) for i in (0, 1)]
+            if record["label_0"] == record["label_1"] or None in extensions:  # tie or corrupt
+                continue
+            names = [f"{name}-{row}-{i}.{extensions[i]}" for i in (0, 1)]
+            for i in (0, 1):
+                write_image(record[f"jpg_{i}"], images / names[i])
+            winner = 0 if record["label_0"] > record["label_1"] else 1
+            pairs.append({"prompt": record["caption"], "chosen": f"images/{names[winner]}",
+                          "rejected": f"images/{names[1 - winner]}"})
+            captions.add(caption)
+        elif caption and not caption.startswith("#") and caption not in captions:
+            prompts.append(caption)
+            captions.add(caption)
+        bar.update(len(pairs) + len(prompts) - bar.n)
+        if len(prompts) == n_prompts:
+            break
+    bar.close()
+    if len(prompts) < n_prompts:
+        raise InputError(f"--dataset {dataset}: {len(pairs)} usable pairs and {len(prompts)} new "
+                         f"captions, but {n_pairs} and {n_prompts} are needed")
+    for file, text in (("seed_pairs.json", json.dumps(pairs, indent=1)),
+                       ("prompts.txt", "\n".join(prompts))):  # prompts.txt last: the cache is whole
+        partial = out / f"{file}.partial"
+        partial.write_text(text + "\n")
+        partial.replace(out / file)
 
 
 def main(argv=None):

@@ -29,7 +29,8 @@ Equation map (numbers as in SPEC.md; each appears again beside the line that com
 
 Run it:
 
-    python sail.py --iters 2              # GPU + Stable Diffusion 1.5; no GPU: the embedded tiny world
+    python sail.py --iters 2              # GPU: Stable Diffusion 1.5 on a Pick-a-Pic v2 subset
+                                          # (needs `datasets`); no GPU: the embedded tiny world
     python sail.py --tiny --iters 2       # the tiny world anywhere (2 CPU cores: ~30 s, plus ~2.5
                                           # min once to pretrain and cache the tiny base model)
     python sail.py --model ./my-sd15 ...  # any local diffusers folder or hub id
@@ -53,6 +54,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import contextlib
 import copy
 import datetime
+import difflib
 import hashlib
 import json
 import math
@@ -105,11 +107,21 @@ class Args:
         "help": "base model: a hub id or a local diffusers folder (paper: SD 1.5 and SDXL)"})
     tiny: bool = field(default=False, metadata={
         "help": "run the embedded tiny world (the default when no GPU is found)"})
-    seed_pairs: str = field(default=str(HERE / "seed_pairs.json"), metadata={
+    seed_pairs: Optional[str] = field(default=None, metadata={
         "help": "human seed pairs D_init: JSON list of {prompt, chosen, rejected} (paper: ~50K "
-                "Pick-a-Pic v2 pairs, 6 percent)"})
-    prompts: str = field(default=str(HERE / "prompts.txt"), metadata={
-        "help": "new prompts, one per line; iteration i takes the i-th disjoint slice"})
+                "Pick-a-Pic v2 pairs, 6 percent; default: the tiny world's seed_pairs.json, or "
+                "for a real model a fixed subset of --pickapic-dataset)"})
+    prompts: Optional[str] = field(default=None, metadata={
+        "help": "new prompts, one per line; iteration i takes the i-th disjoint slice (default: "
+                "the tiny world's prompts.txt, or for a real model other Pick-a-Pic captions)"})
+    heldout_pairs: Optional[str] = field(default=None, metadata={
+        "help": "human pairs never trained on, to measure after every stage how often the "
+                "model's own reward agrees with people (judge_acc/heldout; default: the tiny "
+                "world's heldout_pairs.json, else a fixed 5 percent of the seed pairs, at most "
+                "500; 'none' to skip)"})
+    pickapic_dataset: str = field(default="yuvalkirstain/pickapic_v2", metadata={
+        "help": "real models without --seed-pairs/--prompts: the Pick-a-Pic v2 source of the "
+                "default data, a hub name (streamed once, then cached) or a save_to_disk folder"})
     out: Optional[str] = field(default=None, metadata={
         "help": "output folder, must not exist yet (default: runs/<world>-<time>)"})
     seed: int = field(default=0, metadata={"help": "seed of every random draw"})
@@ -146,6 +158,9 @@ class Args:
         "help": "learning rate (default: 1e-8 x effective batch, the Diffusion-DPO rule)"})
     dpo_steps: Optional[int] = field(default=None, metadata={
         "help": "optimizer steps per DPO stage (default: one pass over the stage's pairs)"})
+    warmup_steps: int = field(default=500, metadata={
+        "help": "linear learning-rate warm-up at the start of every DPO stage (Diffusion-DPO "
+                "official: constant_with_warmup, 500 steps for SD 1.5, 200 for SDXL)"})
     cfg_dropout: float = field(default=0.2, metadata={
         "help": "fraction of training prompts replaced by '' so CFG keeps working (Diffusion-DPO: "
                 "0.2)"})
@@ -179,6 +194,11 @@ class Args:
         "help": "dtype of the frozen models (reference UNets, VAE, text encoders) and of autocast "
                 "while the trained UNet (fp32 weights) runs (default: bf16 on a GPU that has it, "
                 "else fp32)"})
+    reward_precision: Literal["fp32", "fp16", "bf16"] = field(default="fp32", metadata={
+        "help": "precision of Eq. 8's UNet forwards and of its frozen reference, whatever "
+                "--precision is: Eq. 8 multiplies a difference of differences of errors by "
+                "beta/2 = 2500, so rounding shows there first (README: measured per precision; "
+                "fp16 ranks 4x faster, close to fp32 once a stage has moved the model)"})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute the trained UNet's activations in the backward pass: less memory, "
                 "one more UNet forward per DPO micro-batch"})
@@ -190,12 +210,14 @@ class Args:
 # draws the prompted colour and shape in 65% of samples at CFG 4, 52% at CFG 2 (DDIM 10 steps).
 TINY_PRESET = dict(resolution=16, sampler="ddim", sample_steps=10, guidance_scale=4.0,
                    effective_batch=16, micro_batch=16, lr=3e-5, dpo_steps=40, prompts_per_iter=18,
-                   generation_batch=144, checkpoint_every=10)
+                   generation_batch=144, checkpoint_every=10, warmup_steps=0,
+                   seed_pairs=str(HERE / "seed_pairs.json"), prompts=str(HERE / "prompts.txt"),
+                   heldout_pairs=str(HERE / "heldout_pairs.json"))
 
 
 # SDXL: the paper's SDXL settings (SPEC section 3): 2 iterations, Adafactor, DDIM 20 steps, CFG 5.
 SDXL_PRESET = dict(iters=2, resolution=1024, sampler="ddim", sample_steps=20, guidance_scale=5.0,
-                   optimizer="adafactor")
+                   optimizer="adafactor", warmup_steps=200)
 # The pipeline classes sail.py knows, each with its preset; see encode_text for how they differ.
 PRESETS = {"StableDiffusionPipeline": {}, "StableDiffusionXLPipeline": SDXL_PRESET}
 
@@ -238,16 +260,40 @@ RESUME_MAY_CHANGE = ("resume", "checkpoint_every", "keep_checkpoints", "micro_ba
                      "generation_batch", "reward_batch")
 
 
+def parse_known_flags(parser, argv):
+    """argv -> Args; an unknown flag is bad input (one line naming the closest known flag)."""
+    args, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    if unknown:
+        flag = next((a for a in unknown if a.startswith("-")), unknown[0])
+        known = [name for name in parser._option_string_actions if "_" not in name]
+        close = difflib.get_close_matches(flag.split("=")[0], known, n=1)
+        raise InputError(f"unknown flag {flag}" + (f" (did you mean {close[0]}?)" if close else "")
+                         + "; python sail.py --help lists every flag")
+    return args
+
+
+PATHS = ("seed_pairs", "prompts", "heldout_pairs", "model")  # stored absolute: --resume from anywhere
+
+
+def absolute_paths(settings):
+    """The path settings that exist, made absolute: config.json then works from any folder."""
+    for name in PATHS:
+        value = settings[name]
+        if value and value != "none" and Path(value).exists():
+            settings[name] = str(Path(value).absolute())
+    return settings
+
+
 def parse_args(argv):
     """Parse the command line; the world (tiny, SD or SDXL) decides the defaults, then validate."""
     explicit_model = any(a == "--model" or a.startswith("--model=") for a in argv)
     parser = HfArgumentParser(Args)
-    args, = parser.parse_args_into_dataclasses(argv)
+    args = parse_known_flags(parser, argv)
     if args.resume:
         # A resumed run takes every setting from its config.json; flags given again must agree.
-        saved = read_run_config(args.resume)
+        saved = absolute_paths(read_run_config(args.resume))
         parser.set_defaults(**saved)
-        args, = parser.parse_args_into_dataclasses(argv)
+        args = Args(**absolute_paths(asdict(parse_known_flags(parser, argv))))
         changed = [f"--{name.replace('_', '-')} {getattr(args, name)} (the run has {saved[name]})"
                    for name in saved if name not in RESUME_MAY_CHANGE
                    and getattr(args, name) != saved[name]]
@@ -261,7 +307,7 @@ def parse_args(argv):
         # Parse again with the world's preset as defaults: flags given on the command line win.
         parser.set_defaults(**(TINY_PRESET if args.tiny else PRESETS[pipeline_class(args.model)]),
                             tiny=args.tiny)
-        args, = parser.parse_args_into_dataclasses(argv)
+        args = Args(**absolute_paths(asdict(parse_known_flags(parser, argv))))
     # Derived values, filled in once here so every later line reads them from args.
     if args.lr is None:
         args.lr = 1e-8 * args.effective_batch  # Diffusion-DPO: 1e-8 x effective batch
@@ -282,11 +328,14 @@ def parse_args(argv):
         (0 <= args.cfg_dropout < 1, "--cfg-dropout must be in [0, 1)"),
         (args.resolution >= 8 and args.resolution % 8 == 0, "--resolution must be a multiple of 8"),
         (args.sample_steps >= 1, "--sample-steps must be >= 1"),
+        (args.warmup_steps >= 0, "--warmup-steps must be >= 0"),
         (args.generation_batch >= 1 and args.reward_batch >= 1, "batch sizes must be >= 1"),
         (args.pretrain_steps >= 1, "--pretrain-steps must be >= 1"),
         (args.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
         (args.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),
         (args.tiny or not args.oracle_labels, "--oracle-labels needs the tiny world's annotator"),
+        (args.tiny or not args.make_seed_pairs, "--make-seed-pairs writes the tiny world's pairs: "
+                                                "add --tiny"),
     ]
     for ok, message in checks:
         if not ok:
@@ -591,8 +640,7 @@ def pretrain_tiny_pipeline(pipe, steps, seed):
 def tiny_base_model(pretrain_steps, seed=0):
     """Path of the pretrained tiny base pipeline, pretraining it once (cached by its settings)."""
     key = hashlib.sha256(f"{TINY_VERSION}-{pretrain_steps}-{seed}-{torch.__version__}".encode())
-    cache = Path(os.environ.get("SAIL_CACHE", Path.home() / ".cache" / "sail"))
-    folder = cache / f"tiny-base-{key.hexdigest()[:12]}"
+    folder = cache_folder(f"tiny-base-{key.hexdigest()[:12]}")
     if not (folder / "model_index.json").exists():
         started = time.time()
         with tempfile.TemporaryDirectory() as scratch:
@@ -620,7 +668,9 @@ def annotator_relabel(pairs):
     A flipped pair keeps Eq. 8's rewards with their images, so its confidence becomes 1 - p.
     """
     def flipped(pair):
-        swapped = {**pair, "chosen": pair["rejected"], "rejected": pair["chosen"]}
+        swapped = {**pair, "chosen": pair["rejected"], "rejected": pair["chosen"],
+                   "chosen_latents": pair["rejected_latents"],
+                   "rejected_latents": pair["chosen_latents"]}
         if "confidence" in pair:  # a self-labelled pair: its rewards follow their images
             swapped.update(reward_chosen=pair["reward_rejected"],
                            reward_rejected=pair["reward_chosen"],
@@ -631,31 +681,35 @@ def annotator_relabel(pairs):
 
 
 def make_tiny_seed_pairs(path, seed):
-    """Write the tiny world's human seed set: world images of the seen prompts, annotator-labelled.
+    """Write the tiny world's human pairs: world images of the seen prompts, annotator-labelled.
 
     Like Pick-a-Pic, two images of the same prompt; the annotator picks the one it prefers, and
-    near-ties (< 1 point apart) are dropped, as Diffusion-DPO drops tied human labels.
+    near-ties (< 1 point apart) are dropped, as Diffusion-DPO drops tied human labels. The seed
+    set goes to `path`; as many more pairs, drawn next, to heldout_pairs.json beside it: never
+    trained on, they measure how often the model's own judgement agrees with the annotator.
     """
     path = Path(path)
-    image_dir = path.parent / "seed_images"
-    if path.exists() or image_dir.exists():
-        raise InputError(f"{path} or {image_dir} already exists; remove them to regenerate")
+    heldout, image_dir = path.parent / "heldout_pairs.json", path.parent / "seed_images"
+    if path.exists() or heldout.exists() or image_dir.exists():
+        raise InputError(f"{path}, {heldout} or {image_dir} already exists; remove them to "
+                         "regenerate")
     image_dir.mkdir(parents=True)
     generator = torch.Generator().manual_seed(seed)
-    pairs = []
-    while len(pairs) < TINY_SEED_PAIRS:
-        prompt = TINY_SEEN[len(pairs) % len(TINY_SEEN)]
-        images = draw_tiny_images([prompt, prompt], generator)              # (2, 3, 16, 16)
-        score = annotator_score(images, [prompt, prompt])
-        if abs(score[0] - score[1]) < 1.0:
-            continue
-        winner = int(score.argmax())
-        names = [f"seed_images/{len(pairs):03d}_chosen.png", f"seed_images/{len(pairs):03d}_rejected.png"]
-        save_image(images[winner], path.parent / names[0])
-        save_image(images[1 - winner], path.parent / names[1])
-        pairs.append({"prompt": prompt, "chosen": names[0], "rejected": names[1]})
-    path.write_text(json.dumps(pairs, indent=1) + "\n")
-    print(f"wrote {len(pairs)} seed pairs to {path} and their images to {image_dir}")
+    for file, prefix in ((path, ""), (heldout, "heldout_")):
+        pairs = []
+        while len(pairs) < TINY_SEED_PAIRS:
+            prompt = TINY_SEEN[len(pairs) % len(TINY_SEEN)]
+            images = draw_tiny_images([prompt, prompt], generator)              # (2, 3, 16, 16)
+            score = annotator_score(images, [prompt, prompt])
+            if abs(score[0] - score[1]) < 1.0:
+                continue
+            winner = int(score.argmax())
+            names = [f"seed_images/{prefix}{len(pairs):03d}_{key}.png" for key in ("chosen", "rejected")]
+            save_image(images[winner], path.parent / names[0])
+            save_image(images[1 - winner], path.parent / names[1])
+            pairs.append({"prompt": prompt, "chosen": names[0], "rejected": names[1]})
+        file.write_text(json.dumps(pairs, indent=1) + "\n")
+        print(f"wrote {len(pairs)} pairs to {file} and their images to {image_dir}")
 
 
 # =================================================================================================
@@ -826,6 +880,11 @@ class Run:
             for path in saved[:-self.args.keep_checkpoints]:
                 path.unlink()
 
+    def drop_checkpoints(self, stage):
+        """A finished stage's checkpoints: its saved UNet replaces them (SD 1.5: ~10 GB each)."""
+        for path in (self.out / "checkpoints").glob(f"{stage}-step*.pt"):
+            path.unlink()
+
     def checkpoint_path(self, stage):
         """The newest checkpoint file of `stage`, or None."""
         saved = sorted((self.out / "checkpoints").glob(f"{stage}-step*.pt"))  # zero-padded steps
@@ -963,7 +1022,8 @@ def implicit_reward(unet, ref_unet, latents, text_emb, scheduler, beta, k, gener
 
     r(y, x) = -(beta/2) * (1/K) * sum_k [err_theta(x; t_k, eps_k) - err_ref(x; t_k, eps_k)]
 
-    `text_emb` is the prompt's conditioning, a (1, L, D) tensor or encode_text's dict. The K draws
+    `text_emb` is the prompt's conditioning, a (1, L, D) tensor or encode_text's dict (or one row
+    per candidate, (N, L, D), to judge images of different prompts in one call). The K draws
     (t_k, eps_k) come from `generator` and are shared by all N candidates (common random numbers,
     our choice SPEC 2a): differences between candidates come from the images, not the draws. All
     N*K noisy latents go through each UNet in batches of `batch_size` (default: all at once).
@@ -976,7 +1036,9 @@ def implicit_reward(unet, ref_unet, latents, text_emb, scheduler, beta, k, gener
     device = latents.device
     x0 = latents.repeat_interleave(k, dim=0)                  # (N*K, C, h, w): row n*K + j = candidate n, draw j
     noise, t = noise.to(device).repeat(n, 1, 1, 1), t.to(device).repeat(n)  # (N*K, C, h, w), (N*K,)
-    cond = map_cond(lambda v: v.repeat_interleave(n * k, dim=0), cond)                      # (N*K, L, D)
+    # float32 like the latents: autocast lowers it where --reward-precision asks (the text
+    # encoders may be stored in bf16 while Eq. 8 runs in fp32)
+    cond = map_cond(lambda v: v.float().repeat_interleave(n * k // len(v), dim=0), cond)    # (N*K, L, D)
     batch_size = batch_size or n * k
     err = {}
     with torch.no_grad():
@@ -999,9 +1061,14 @@ def preference_probability(reward_a, reward_b):
 # =================================================================================================
 
 def set_sampler(pipe, args):
-    """Candidates are drawn with the paper's sampler (DDPM for SD 1.5, DDIM for SDXL)."""
+    """Candidates are drawn with the paper's sampler (DDPM for SD 1.5, DDIM for SDXL).
+
+    DDPM and DDIM clip x_0 to [-1, 1] unless told otherwise, which is right for pixels and wrong
+    for latents: a config without clip_sample (SDXL's Euler, say) keeps its latents unclipped.
+    """
     kind = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[args.sampler]
-    pipe.scheduler = kind.from_config(pipe.scheduler.config)
+    config = pipe.scheduler.config
+    pipe.scheduler = kind.from_config(config, clip_sample=config.get("clip_sample", False))
 
 
 def generate(pipe, prompts, n, args, generator):
@@ -1041,7 +1108,8 @@ def judge_candidates(pipe, judge_ref, prompts, indices, args, stage):
 
     `indices` number the prompts within the whole prompt file: candidate c of prompt j always
     comes from the generator (stage, j, c), however prompts are batched or split over processes.
-    Returns, per prompt, None on a tie or (images (2, 3, H, W) chosen then rejected, r_w, r_l, p).
+    Returns, per prompt, None on a tie or (latents (2, C, h, w) and images (2, 3, H, W), chosen
+    then rejected, r_w, r_l, p). The latents are exactly what Eq. 8 judged: DPO trains on them.
     """
     n = args.n_candidates
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # training-time noise schedule
@@ -1052,7 +1120,7 @@ def judge_candidates(pipe, judge_ref, prompts, indices, args, stage):
     for p, j in enumerate(indices):
         candidates = latents[p * n:(p + 1) * n]                           # (N, C, h, w)
         generator = seeded(args.seed, stage, "reward", j)
-        with autocast(pipe.device, args.precision):
+        with autocast(pipe.device, args.reward_precision):
             rewards = implicit_reward(pipe.unet, judge_ref, candidates,
                                       map_cond(lambda v: v[p:p + 1], cond), scheduler,
                                       args.beta, args.k_draws, generator, args.reward_batch)  # (N,)
@@ -1062,8 +1130,10 @@ def judge_candidates(pipe, judge_ref, prompts, indices, args, stage):
             found.append(None)
             continue
         r_w, r_l = rewards[chosen[0]], rewards[chosen[1]]
-        images = decode_latents(pipe.vae, candidates[list(chosen)]).cpu()  # (2, 3, H, W)
-        found.append((images, r_w.item(), r_l.item(), preference_probability(r_w, r_l).item()))  # Eq. 9
+        pair = candidates[list(chosen)]                                   # (2, C, h, w)
+        images = decode_latents(pipe.vae, pair).cpu()                     # (2, 3, H, W), to look at
+        found.append((pair.cpu(), images, r_w.item(), r_l.item(),
+                      preference_probability(r_w, r_l).item()))           # Eq. 9
     return found
 
 
@@ -1090,13 +1160,15 @@ def self_label(pipe, judge_ref, prompts, first_index, args, run, stage):
             if result is None:
                 progress["ties"] += 1
                 continue
-            images, r_w, r_l, confidence = result
-            names = [f"pairs/{len(progress['pairs']):05d}_{key}.png" for key in ("chosen", "rejected")]
-            if run.main:
-                for image, name in zip(images, names):
-                    save_image(image, folder / name)
-            progress["pairs"].append({"prompt": prompt, "chosen": names[0], "rejected": names[1],
-                                      "reward_chosen": r_w, "reward_rejected": r_l,
+            latents, images, r_w, r_l, confidence = result
+            pair = {"prompt": prompt}
+            for key, latent, image in zip(("chosen", "rejected"), latents, images):
+                name = f"pairs/{len(progress['pairs']):05d}_{key}"
+                pair.update({key: name + ".png", f"{key}_latents": name + ".pt"})
+                if run.main:  # the PNG is for people; the latents (C, h, w) are what trains
+                    save_image(image, folder / pair[key])
+                    torch.save(latent.clone(), folder / pair[f"{key}_latents"])
+            progress["pairs"].append({**pair, "reward_chosen": r_w, "reward_rejected": r_l,
                                       "confidence": confidence})
         progress["prompts_done"] = done
         run.write_json(progress_file, progress)
@@ -1104,10 +1176,17 @@ def self_label(pipe, judge_ref, prompts, first_index, args, run, stage):
         if run.stop_asked():
             raise Interrupted(f"{stage}: after {done} of {len(prompts)} prompts")
     bar.close()
-    run.barrier()  # the pairs' images are on disk before any process trains on them
-    pairs = [{**pair, "chosen": str(folder / pair["chosen"]),
-              "rejected": str(folder / pair["rejected"])} for pair in progress["pairs"]]
+    run.barrier()  # the pairs' latents are on disk before any process trains on them
+    pairs = [pair_paths(pair, lambda name: str(folder / name)) for pair in progress["pairs"]]
     return pairs, progress["ties"]
+
+
+FILES = ("chosen", "rejected", "chosen_latents", "rejected_latents")  # a pair's file keys
+
+
+def pair_paths(pair, change):
+    """The pair with change(path) applied to each of its files (absolute <-> relative)."""
+    return {**pair, **{key: change(pair[key]) for key in FILES if key in pair}}
 
 
 # =================================================================================================
@@ -1153,29 +1232,102 @@ def dpo_step_data(pairs, step, args, stage, latent_shape, timesteps):
     # 20% empty prompts keep classifier-free guidance alive (Diffusion-DPO official)
     dropped = (torch.rand(size, generator=generator) < args.cfg_dropout).tolist()
     prompts = ["" if drop else pair["prompt"] for drop, pair in zip(dropped, batch)]
-    # Eq. DPO: winner and loser share the same t and the same eps (repeated in diffusion_dpo)
+    # Eq. DPO: winner and loser share the same t and the same eps (repeated in dpo_micro_batch)
     t = torch.randint(0, timesteps, (size,), generator=generator)                 # (B,)
     noise = torch.randn((size, *latent_shape), generator=generator)                 # (B, C, h, w)
     posterior_noise = torch.randn((2, size, *latent_shape), generator=generator)    # winners, losers
     return batch, prompts, t, noise, posterior_noise
 
 
-def diffusion_dpo(pipe, ref_unet, pairs, args, stage, run):
+def training_latents(pipe, batch, posterior_noise, resolution):
+    """x_0 of a micro-batch's winners then losers: (2b, C, h, w).
+
+    A self-labelled pair trains on exactly the latents Eq. 8 ranked, saved when it was judged (a
+    round trip through its PNG and the VAE moves a latent by ~25% and reorders the ranking, SPEC
+    section 2). Seed pairs are images: encoded as in Diffusion-DPO, with the step's posterior noise.
+    """
+    x0 = torch.empty((2, len(batch), *posterior_noise.shape[2:]))                 # (2, b, C, h, w)
+    images = [i for i, pair in enumerate(batch) if "chosen_latents" not in pair]
+    if images:
+        pixels = torch.stack([load_image(batch[i][key], resolution) for key in ("chosen", "rejected")
+                              for i in images])                                   # (2e, 3, R, R)
+        encoded = encode_images(pipe.vae, pixels.to(pipe.device),
+                                posterior_noise[:, images].flatten(0, 1))         # (2e, C, h, w)
+        x0[:, images] = encoded.cpu().view(2, len(images), *x0.shape[2:])
+    for i, pair in enumerate(batch):
+        if "chosen_latents" in pair:
+            x0[:, i] = torch.stack([torch.load(pair[f"{key}_latents"], weights_only=True)
+                                    for key in ("chosen", "rejected")])             # (2, C, h, w)
+    return x0.flatten(0, 1).to(pipe.device)                                         # (2b, C, h, w)
+
+
+def dpo_micro_batch(model, ref_unet, scheduler, x0, t, noise, cond, beta):
+    """Eq. DPO on one micro-batch of b pairs -> (loss, (b,) logits, (2b,) err_theta, err_ref).
+
+    x0 holds the b winners then the b losers; each pair's winner and loser share t and eps.
+    """
+    shared = (noise.repeat(2, 1, 1, 1), t.repeat(2))               # (2b, C, h, w), (2b,)
+    cond = map_cond(lambda v: torch.cat([v, v]), cond)              # (2b, L, D)
+    err_theta = denoising_error(model, scheduler, x0, *shared, cond)                 # (2b,)
+    with torch.no_grad():
+        err_ref = denoising_error(ref_unet, scheduler, x0, *shared, cond)            # (2b,)
+    loss, inside = dpo_loss(*err_theta.chunk(2), *err_ref.chunk(2), beta)
+    return loss, inside, err_theta.detach(), err_ref
+
+
+def accumulate_gradients(model, ref_unet, pipe, scheduler, data, args, run, scaler):
+    """One optimizer step's gradients: this process's share of the global batch, in micro-batches.
+
+    Returns the step's metrics, averaged over micro-batches and processes.
+    """
+    batch, prompts, t, noise, posterior_noise = data
+    per_process = args.effective_batch // run.world
+    micro = min(args.micro_batch, per_process)
+    mine = range(run.rank * per_process, (run.rank + 1) * per_process, micro)
+    sums = torch.zeros(5)
+    for offset in mine:
+        part = slice(offset, offset + micro)
+        x0 = training_latents(pipe, batch[part], posterior_noise[:, part], args.resolution)
+        cond = encode_text(pipe, prompts[part], args.resolution)                    # (b, L, D)
+        # DDP averages gradients over processes at the last micro-batch's backward only
+        last = offset == mine[-1]
+        with (contextlib.nullcontext() if last or run.world == 1 else model.no_sync()):
+            with autocast(pipe.device, args.precision):
+                loss, inside, err_theta, err_ref = dpo_micro_batch(
+                    model, ref_unet, scheduler, x0, t[part].to(pipe.device),
+                    noise[part].to(pipe.device), cond, args.beta)
+            scaler.scale(loss / len(mine)).backward()
+        # TRL's names: rewards/chosen = -(beta/2)(err_theta_w - err_ref_w), one draw of Eq. 8
+        r_w, r_l = (-(args.beta / 2) * (err_theta - err_ref)).chunk(2)
+        sums += torch.tensor([loss.item(), (inside > 0).float().mean().item(),
+                              r_w.mean().item(), r_l.mean().item(), inside.mean().item()])
+    values = run.mean(sums / len(mine))  # the same numbers in every process
+    return dict(zip(("loss", "implicit_acc", "rewards/chosen", "rewards/rejected",
+                     "rewards/margins"), values.tolist()))
+
+
+MAX_OVERFLOWS = 30  # fp16: a step whose gradients overflow this often in a row has diverged
+
+
+def diffusion_dpo(pipe, ref_unet, pairs, args, stage, run, loss_scale=2.0 ** 16):
     """Train pipe.unet (theta) with Eq. DPO against the frozen ref_unet; returns mean metrics.
 
     Each process takes its slice of every global batch of --effective-batch pairs, in micro-batches;
     gradients accumulate over micro-batches and are averaged over processes (DDP). A stage with a
-    checkpoint continues from it.
+    checkpoint continues from it. fp16: a step whose gradients overflow is redone with half the
+    loss scale (counted as `overflows`), never skipped; `loss_scale` carries the last stage's.
     """
-    unet, vae, device = pipe.unet, pipe.vae, pipe.device
+    unet = pipe.unet
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     steps = args.dpo_steps or math.ceil(len(pairs) / args.effective_batch)
-    per_process = args.effective_batch // run.world
-    micro = min(args.micro_batch, per_process)
+    # the official 500 warm-up steps are a quarter of its 2000: a shorter stage warms up over
+    # a quarter of its own steps (our choice; SAIL's stages are 300-600 steps at the paper's size)
+    warmup = min(args.warmup_steps, steps // 4)
     latent_shape = (unet.config.in_channels, args.resolution // pipe.vae_scale_factor,
                     args.resolution // pipe.vae_scale_factor)                    # (C, h, w)
     optimizer = make_optimizer(unet.parameters(), args)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 underflow
+    scaler = torch.amp.GradScaler(pipe.device.type, init_scale=loss_scale,
+                                  enabled=args.precision == "fp16")  # fp16 gradients underflow
     history, start = [], 0
     checkpoint = run.load_checkpoint(stage)
     if checkpoint:  # resume: weights, optimizer state and metrics as they were after that step
@@ -1187,45 +1339,33 @@ def diffusion_dpo(pipe, ref_unet, pairs, args, stage, run):
     model = (torch.nn.parallel.DistributedDataParallel(unet) if run.world > 1 else unet)
     for step in run.progress(iterable=range(start, steps), initial=start, total=steps,
                              desc=f"{stage}: Diffusion-DPO"):
-        batch, prompts, t, noise, posterior_noise = dpo_step_data(
-            pairs, step, args, stage, latent_shape, scheduler.config.num_train_timesteps)
-        sums = torch.zeros(5)
-        mine = range(run.rank * per_process, (run.rank + 1) * per_process, micro)
-        for offset in mine:
-            part = slice(offset, offset + micro)
-            images = torch.stack([load_image(pair[key], args.resolution) for key in
-                                  ("chosen", "rejected") for pair in batch[part]])  # (2b, 3, R, R)
-            x0 = encode_images(vae, images.to(device),
-                               posterior_noise[:, part].flatten(0, 1))  # (2b, C, h, w): winners, losers
-            cond = map_cond(lambda v: torch.cat([v, v]),
-                            encode_text(pipe, prompts[part], args.resolution))     # (2b, L, D)
-            shared = (noise[part].to(device).repeat(2, 1, 1, 1), t[part].to(device).repeat(2))
-            # DDP averages gradients over processes at the last micro-batch's backward only
-            last = offset == mine[-1]
-            with (contextlib.nullcontext() if last or run.world == 1 else model.no_sync()):
-                with autocast(device, args.precision):
-                    err_theta = denoising_error(model, scheduler, x0, *shared, cond)  # (2b,)
-                    with torch.no_grad():
-                        err_ref = denoising_error(ref_unet, scheduler, x0, *shared, cond)
-                loss, inside = dpo_loss(*err_theta.chunk(2), *err_ref.chunk(2), args.beta)
-                scaler.scale(loss / len(mine)).backward()
-            # TRL's names: rewards/chosen = -(beta/2)(err_theta_w - err_ref_w), one draw of Eq. 8
-            r_w, r_l = (-(args.beta / 2) * (err_theta - err_ref).detach()).chunk(2)
-            sums += torch.tensor([loss.item(), (inside > 0).float().mean().item(),
-                                  r_w.mean().item(), r_l.mean().item(), inside.mean().item()])
-        values = run.mean(sums / len(mine))  # the same numbers in every process
-        record = dict(zip(("loss", "implicit_acc", "rewards/chosen", "rewards/rejected",
-                           "rewards/margins"), values.tolist()))
-        if not math.isfinite(record["loss"]):  # before the optimizer step: weights stay good
-            kept = run.checkpoint_path(stage) or f"none of {stage} yet (the stage before is saved)"
-            raise TrainingDiverged(f"{stage}: step {step + 1}: the DPO loss is {record['loss']}; "
-                                   f"the last good checkpoint is kept: {kept}")
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)  # Diffusion-DPO official: clip at 1
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        run.log({"stage": stage, "step": step + 1, **record})
+        data = dpo_step_data(pairs, step, args, stage, latent_shape,
+                             scheduler.config.num_train_timesteps)
+        # Diffusion-DPO official: constant_with_warmup, a linear ramp (theirs takes its first step
+        # at lr 0; ours at lr / (warmup + 1), one step ahead)
+        lr = args.lr * min(1.0, (step + 1) / (warmup + 1))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for overflows in range(MAX_OVERFLOWS):
+            record = accumulate_gradients(model, ref_unet, pipe, scheduler, data, args, run, scaler)
+            if not math.isfinite(record["loss"]):  # before the optimizer step: weights stay good
+                kept = run.checkpoint_path(stage) or f"none of {stage} yet (the stage before is saved)"
+                raise TrainingDiverged(f"{stage}: step {step + 1}: the DPO loss is {record['loss']}; "
+                                       f"the last good checkpoint is kept: {kept}")
+            scale = scaler.get_scale()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)  # Diffusion-DPO official: clip at 1
+            scaler.step(optimizer)  # skipped when fp16 gradients overflowed...
+            scaler.update()         # ...which halves the scale
+            optimizer.zero_grad(set_to_none=True)
+            if scaler.get_scale() >= scale:  # the step was taken
+                break
+        else:
+            raise TrainingDiverged(f"{stage}: step {step + 1}: fp16 gradients overflowed "
+                                   f"{MAX_OVERFLOWS} times in a row")
+        if scaler.is_enabled():
+            record.update(overflows=overflows, loss_scale=scaler.get_scale())
+        run.log({"stage": stage, "step": step + 1, **record, "lr": lr})
         history.append(record)
         stop = run.stop_asked()
         if (step + 1) % args.checkpoint_every == 0 or stop:
@@ -1235,7 +1375,10 @@ def diffusion_dpo(pipe, ref_unet, pairs, args, stage, run):
         if stop:
             raise Interrupted(f"{stage}: after DPO step {step + 1} of {steps}")
     unet.eval().requires_grad_(False)
-    return {name: sum(h[name] for h in history) / len(history) for name in history[0]}
+    summary = {name: sum(h[name] for h in history) / len(history) for name in history[0]}
+    if scaler.is_enabled():  # totals, not means; the scale the next stage starts from
+        summary.update(overflows=sum(h["overflows"] for h in history), loss_scale=scaler.get_scale())
+    return summary
 
 
 def make_optimizer(params, args):
@@ -1285,16 +1428,57 @@ def save_grid(images, seeds, path, tile=64):
     save_image(grid.reshape(3, seeds * tile, prompts * tile), path)
 
 
-def sail(args, pipe, seed_pairs, prompts, run):
+def judge_agreement(pipe, judge_ref, heldout, args):
+    """judge_acc/heldout: how often the model's own Eq. 8 reward prefers the human winner.
+
+    Per held-out human pair: 1 if r(y, x_w) > r(y, x_l), 1/2 on a tie (Eq. 9 gives 0.5), else 0;
+    chance is 0.5. Images are encoded to their posterior means, and every stage judges with the
+    same K draws: stages are compared on the same numbers, and swapping a pair's winner and loser
+    turns a score s into 1 - s. Its fall is the alarm for self-labelling collapse.
+    """
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    latent_shape = (pipe.unet.config.in_channels, args.resolution // pipe.vae_scale_factor,
+                    args.resolution // pipe.vae_scale_factor)                    # (C, h, w)
+    per_call = max(1, args.reward_batch // (2 * args.k_draws))  # pairs per batch of UNet calls
+    scores = []
+    for start in range(0, len(heldout), per_call):
+        pairs = heldout[start:start + per_call]
+        means = torch.zeros((2, len(pairs), *latent_shape))  # posterior noise 0: the means
+        x0 = training_latents(pipe, pairs, means, args.resolution)               # (2P, C, h, w)
+        cond = encode_text(pipe, [pair["prompt"] for pair in pairs] * 2, args.resolution)
+        with autocast(pipe.device, args.reward_precision):
+            rewards = implicit_reward(pipe.unet, judge_ref, x0, cond, scheduler, args.beta,
+                                      args.k_draws, seeded(args.seed, "heldout"),
+                                      args.reward_batch)                         # (2P,)
+        r_w, r_l = rewards.chunk(2)                                              # (P,), (P,)
+        scores += torch.where(torch.isclose(r_w, r_l), 0.5, (r_w > r_l).float()).tolist()
+    return sum(scores) / len(scores)
+
+
+def sail(args, pipe, data, run):
     """Step 0 and `args.iters` SAIL iterations, every stage written under run.out.
 
+    `data`: seed_pairs (D_init), heldout (human pairs never trained on), prompts (the
+    iterations' new prompts) and eval_prompts (the fixed prompts of every stage's grid).
     A resumed run skips the finished stages and continues the first unfinished one from its saved
     progress (labelling.json, then the newest checkpoint).
     """
     set_sampler(pipe, args)
-    eval_prompts = TINY_PROMPTS if args.tiny else prompts[:4]
-    # eps_base, frozen. Kept on the CPU: the device needs it only to rank candidates (Eq. 8).
+    seed_pairs, prompts = data["seed_pairs"], data["prompts"]
+    # eps_base, frozen, on the CPU until needed: step 0's DPO reference in --precision, and
+    # Eq. 8's reference in --reward-precision (one copy where the two are the same)
+    judge_precision = args.reward_precision
     base_unet = frozen_copy(pipe.unet, args.precision).to("cpu")
+    judge_base = (base_unet if judge_precision == args.precision
+                  else frozen_copy(pipe.unet, judge_precision).to("cpu"))
+
+    def saved_unet(stage):  # a finished stage's model, fp32 as saved
+        return UNet2DConditionModel.from_pretrained(run.out / stage / "unet")
+
+    def reward_reference(i):  # Eq. 8's reference when eps^i judges (SPEC 2c)
+        if args.reward_ref == "base" or i == 0:  # "prev": the model round i started from
+            return judge_base
+        return frozen_copy(saved_unet(f"iter_{i - 1}"), judge_precision)
 
     def finish_stage(name, started, summary):
         if run.main:
@@ -1302,16 +1486,20 @@ def sail(args, pipe, seed_pairs, prompts, run):
             folder.mkdir(exist_ok=True)
             if name != "base":  # loads with UNet2DConditionModel.from_pretrained
                 pipe.unet.save_pretrained(folder / "unet")
-            summary.update(evaluate(pipe, args, folder, eval_prompts))
+                if data["heldout"]:
+                    judge_ref = reward_reference(run.stages.index(name) - 1).to(pipe.device)
+                    summary.update({"judge_acc/heldout": judge_agreement(
+                        pipe, judge_ref, data["heldout"], args),
+                        "heldout_pairs": len(data["heldout"])})
+                    judge_ref.to("cpu")
+            summary.update(evaluate(pipe, args, folder, data["eval_prompts"]))
             summary["seconds"] = round(time.time() - started, 1)
             run.log({"stage": name, "event": "summary", **summary})
             run.write_json(folder / "summary.json", summary)  # last: the stage is finished
+            run.drop_checkpoints(name)  # the saved UNet makes them redundant
             print(" | ".join([name] + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                        for k, v in summary.items()]), flush=True)
         run.barrier()
-
-    def saved_unet(stage):  # a finished stage's model, fp32 as saved
-        return UNet2DConditionModel.from_pretrained(run.out / stage / "unet")
 
     finished = [stage for stage in run.stages[1:] if run.finished(stage)]
     if finished:  # resuming: the current model is the last finished stage's
@@ -1334,10 +1522,7 @@ def sail(args, pipe, seed_pairs, prompts, run):
         started = time.time()
         folder = run.out / stage
         (folder / "pairs").mkdir(parents=True, exist_ok=True)
-        # Eq. 8's reference: the base model (default), or the previous round's DPO reference, the
-        # model that round i-1 started from (SPEC 2c)
-        judge_ref = (base_unet if args.reward_ref == "base" or i < 2
-                     else frozen_copy(saved_unet(f"iter_{i - 2}"), args.precision))
+        judge_ref = reward_reference(i - 1)  # eps^{i-1} judges
         first = (i - 1) * per_iter
         new_prompts = prompts[first:i * per_iter]  # fresh, disjoint from earlier iterations'
         self_pairs, ties, extra = [], 0, {}
@@ -1350,20 +1535,25 @@ def sail(args, pipe, seed_pairs, prompts, run):
                 self_pairs = annotator_relabel(self_pairs)
         judge_ref.to("cpu")
         run.write_json(folder / "pairs.json", [
-            {**p, "chosen": os.path.relpath(p["chosen"], folder),
-             "rejected": os.path.relpath(p["rejected"], folder)} for p in self_pairs])
+            pair_paths(p, lambda path: os.path.relpath(path, folder)) for p in self_pairs])
         mixed = (ranked_mixup(self_pairs, seed_pairs, args.mix_alpha,
                               random.Random(f"{args.seed}-{stage}"), args.keep_top)
                  if self_pairs else list(seed_pairs))
         n_self = sum(1 for p in mixed if "confidence" in p)
         if run.main and args.pairs != "none" and not self_pairs:
-            print(f"note: {stage}: every prompt tied; training on the seed pairs only", flush=True)
+            print(f"note: {stage}: all {ties} prompts tied: each prompt's {args.n_candidates} "
+                  f"Eq. 8 rewards were equal within float tolerance, so the model still denoises "
+                  f"exactly like its reward reference ({args.reward_ref}): training has not moved "
+                  f"it (lr {args.lr:.3g}, {args.dpo_steps or 'one pass of'} DPO steps). Raise "
+                  "--lr or --dpo-steps. Training on the seed pairs only", flush=True)
         if run.main and len(mixed) - n_self > len(seed_pairs):
             print(f"note: {stage} needs {len(mixed) - n_self} seed pairs but there are "
                   f"{len(seed_pairs)}: drawing them with replacement", flush=True)
         # Iteration i: Diffusion-DPO from the current model, the current model as reference
         ref_unet = frozen_copy(pipe.unet, args.precision)
-        summary = diffusion_dpo(pipe, ref_unet, mixed, args, stage, run)
+        scale = json.loads((run.out / f"iter_{i - 1}" / "summary.json").read_text()).get(
+            "loss_scale", 2.0 ** 16)  # fp16: start from the scale the last stage ended with
+        summary = diffusion_dpo(pipe, ref_unet, mixed, args, stage, run, scale)
         del ref_unet
         finish_stage(stage, started, {"self_pairs": n_self, "seed_pairs": len(mixed) - n_self,
                                       "ties": ties, **summary, **extra})
@@ -1373,9 +1563,73 @@ def sail(args, pipe, seed_pairs, prompts, run):
 # 12. Main                                                                      (plumbing)
 # =================================================================================================
 
+# Real models without --seed-pairs / --prompts align on real data: a fixed Pick-a-Pic v2 subset,
+# sized so that `python sail.py --iters 2` takes about an hour on one 24 GB GPU (README:
+# projected from the throughput measured on an H200).
+PICKAPIC_SEED_PAIRS = 1000
+PICKAPIC_PROMPTS_PER_ITER = 100
+HELDOUT_FRACTION, HELDOUT_MAX = 0.05, 500  # seed pairs kept out of training for judge_acc/heldout
+EVAL_PROMPTS = 4  # real models: the prompts of every stage's grid, never trained on
+
+
+def cache_folder(name):
+    """~/.cache/sail/<name> (or $SAIL_CACHE/<name>): what a later run can reuse."""
+    return Path(os.environ.get("SAIL_CACHE", Path.home() / ".cache" / "sail")) / name
+
+
+def pickapic_data(args, world):
+    """The default data of a real model: paths of a cached Pick-a-Pic v2 subset's seed pairs and
+    prompts (pickapic.py streams it once; the next run reads the cache)."""
+    prompts = args.iters * args.prompts_per_iter + EVAL_PROMPTS
+    key = hashlib.sha256(repr((args.pickapic_dataset, PICKAPIC_SEED_PAIRS, prompts)).encode())
+    folder = cache_folder(f"pickapic-{key.hexdigest()[:12]}")
+    import pickapic  # beside sail.py; it imports `datasets` only when it reads one
+    try:
+        if world == 1 or torch.distributed.get_rank() == 0:  # one process downloads
+            pickapic.default_subset(args.pickapic_dataset, folder, PICKAPIC_SEED_PAIRS, prompts)
+    except pickapic.InputError as error:
+        raise InputError(f"the default data of a real model, a Pick-a-Pic v2 subset: {error}. "
+                         "Install datasets and allow the download once, or pass --seed-pairs "
+                         "and --prompts (pickapic.py converts Pick-a-Pic shards)")
+    if world > 1:
+        torch.distributed.barrier()
+    return str(folder / "seed_pairs.json"), str(folder / "prompts.txt")
+
+
+def split_heldout(seed_pairs, args):
+    """(seed pairs to train on, held-out human pairs): a file of its own, or a fixed 5% draw."""
+    if args.heldout_pairs == "none":
+        return seed_pairs, []
+    if args.heldout_pairs:
+        return seed_pairs, read_seed_pairs(args.heldout_pairs)
+    n = min(HELDOUT_MAX, int(HELDOUT_FRACTION * len(seed_pairs)))  # none below 20 seed pairs
+    held = set(random.Random(f"{args.seed}-heldout").sample(range(len(seed_pairs)), n))
+    return ([pair for i, pair in enumerate(seed_pairs) if i not in held],
+            [seed_pairs[i] for i in sorted(held)])
+
+
+def split_eval_prompts(prompts, seed_pairs, args):
+    """(prompts to train on, evaluation prompts). The tiny world evaluates its whole prompt set;
+    a real model, the file's last EVAL_PROMPTS prompts that no stage trains on."""
+    if args.tiny:
+        return prompts, TINY_PROMPTS
+    trained = {pair["prompt"] for pair in seed_pairs}
+    held = list(dict.fromkeys(p for p in reversed(prompts) if p not in trained))[:EVAL_PROMPTS]
+    if not held:
+        raise InputError(f"{args.prompts}: every prompt is also a seed pair's: none is left to "
+                         "evaluate on")
+    return [p for p in prompts if p not in held], held[::-1]
+
+
 def prepare(args, world):
     """Every check that can fail on user input, before anything is written."""
-    seed_pairs = read_seed_pairs(args.seed_pairs)
+    if not args.tiny and not (args.seed_pairs or args.prompts):
+        args.prompts_per_iter = args.prompts_per_iter or PICKAPIC_PROMPTS_PER_ITER
+        args.seed_pairs, args.prompts = pickapic_data(args, world)
+    elif not (args.seed_pairs and args.prompts):
+        raise InputError("--seed-pairs and --prompts go together: give both, or neither for "
+                         "the default data")
+    seed_pairs, heldout = split_heldout(read_seed_pairs(args.seed_pairs), args)
     prompts = read_prompts(args.prompts)
     if args.tiny:
         for name, items in ((args.seed_pairs, [p["prompt"] for p in seed_pairs]),
@@ -1385,16 +1639,18 @@ def prepare(args, world):
                     raise InputError(f"{name}: entry {i}: {prompt!r} is not a tiny-world prompt "
                                      f"('a <colour> <shape>', colours {', '.join(TINY_COLOURS)}; "
                                      f"shapes {', '.join(TINY_SHAPES)})")
+    prompts, eval_prompts = split_eval_prompts(prompts, seed_pairs, args)
     needed = args.iters * (args.prompts_per_iter or 1)
     if len(prompts) < needed:
-        raise InputError(f"{args.prompts}: {len(prompts)} prompts, but {args.iters} iterations x "
-                         f"{args.prompts_per_iter or 1} prompts need {needed}")
+        raise InputError(f"{args.prompts}: {len(prompts)} prompts to train on, but {args.iters} "
+                         f"iterations x {args.prompts_per_iter or 1} prompts need {needed}")
+    data = dict(seed_pairs=seed_pairs, heldout=heldout, prompts=prompts, eval_prompts=eval_prompts)
     per_process = args.effective_batch // world
     if args.effective_batch % world or per_process % min(args.micro_batch, per_process):
         raise InputError(f"--effective-batch {args.effective_batch} must split evenly over {world} "
                          f"process(es), and each share into --micro-batch {args.micro_batch} pairs")
     if args.resume:
-        return seed_pairs, prompts, Path(args.resume)  # parse_args read its config.json
+        return data, Path(args.resume)  # parse_args read its config.json
     name = [args.out or f"runs/{'tiny' if args.tiny else 'sd'}-{time.strftime('%Y%m%d-%H%M%S')}"]
     if world > 1:  # the default name holds a time: every process takes process 0's
         torch.distributed.broadcast_object_list(name, src=0)
@@ -1404,7 +1660,7 @@ def prepare(args, world):
     parent = nearest_existing(out.absolute().parent)
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise InputError(f"--out {out}: cannot create it, {parent} is not a writable folder")
-    return seed_pairs, prompts, out
+    return data, out
 
 
 def nearest_existing(path):
@@ -1455,7 +1711,7 @@ def main(argv=None):
         if args.make_seed_pairs:
             make_tiny_seed_pairs(args.seed_pairs, args.seed)
             return 0
-        seed_pairs, prompts, out = prepare(args, world)
+        data, out = prepare(args, world)
         run = Run(out, args, rank, world, device)
         model = base_model(args, run)
         pipe = load_pipeline(model, device)
@@ -1478,12 +1734,14 @@ def main(argv=None):
         pipe.unet.enable_gradient_checkpointing()
     say(f"{'resuming' if args.resume else 'writing to'} {out}; reward reference: "
         f"{args.reward_ref}; lr {args.lr:.3g}; N={args.n_candidates} K={args.k_draws} "
-        f"beta={args.beta:g} alpha={args.mix_alpha:g}; {args.precision}; {world} process(es)",
+        f"beta={args.beta:g} alpha={args.mix_alpha:g}; {args.precision} (Eq. 8 in "
+        f"{args.reward_precision}); {len(data['heldout'])} held-out human pairs; "
+        f"{world} process(es)",
         flush=True)
     run.open_log()
     handlers = {sig: signal.signal(sig, run.ask_to_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        sail(args, pipe, seed_pairs, prompts, run)
+        sail(args, pipe, data, run)
     except (Interrupted, KeyboardInterrupt) as stopped:
         say(f"stopped{f': {stopped}' if str(stopped) else ''}; the last saved progress is kept; "
             f"continue with: python sail.py --resume {out}", file=sys.stderr)

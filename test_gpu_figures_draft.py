@@ -58,15 +58,18 @@ def test_gpu_figures_toy_writes_every_row_of_every_part(tmp_path):
     part2 = [r for r in rows if r["part"] == "2"]
     assert [(r["measure"], r["precision"]) for r in part2] == [
         ("official train.py step", "fp16"), ("sail.diffusion_dpo step", "fp16"),
-        ("sail.diffusion_dpo step", "bf16"), ("sail.diffusion_dpo step", "bf16")]
-    assert {r["setting"] for r in part2} == {f"{bench.TOY_SIZES['dpo_pairs']} pairs/step"}
-    # part 3: one row per judge, each with its spread and the real one
+        ("sail.diffusion_dpo step", "bf16"), ("sail.diffusion_dpo step", "bf16"),
+        ("sail.diffusion_dpo step", "bf16")]
+    batch = f"{bench.TOY_SIZES['dpo_pairs']} pairs/step"
+    assert [r["setting"] for r in part2] == [batch] * 3 + [f"{batch}, 5 steps per call", batch]
+    assert int(part2[3]["units"]) == 5 * bench.TOY_SIZES["dpo_pairs"]
+    # part 3: one row per judge and move of theta, each with its spread and the real one
     part3 = [r for r in rows if r["part"] == "3"]
     assert [r["measure"] for r in part3] == [
-        "Eq. 8 spread, judge fp32", "Eq. 8 spread, judge fp16", "Eq. 8 spread, judge fp16",
-        "Eq. 8 spread, old judge bf16"]
-    # fp32 at theta == ref: fp32 rounding alone (zero where both UNets run the same kernels)
-    assert float(part3[0]["value"]) < 1e-2
+        f"Eq. 8 spread, judge {judge}" for judge in ("fp32", "fp16", "bf16")] * 2
+    assert ["at 1 x lr" in r["setting"] for r in part3] == [True] * 3 + [False] * 3
+    # the fp32 judge is the truth: no error against itself
+    assert float(part3[0]["value"]) == 0 and float(part3[3]["value"]) == 0
     assert all("real spread" in r["note"] and "changed vs fp32" in r["note"] for r in part3)
     # part 4: SDXL with and without gradient checkpointing
     assert len([r for r in rows if r["part"] == "4" and r["per_second"]]) == 2

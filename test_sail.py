@@ -406,6 +406,186 @@ def test_shipped_seed_pairs_are_annotator_labelled_on_seen_prompts_only():
 
 
 # -------------------------------------------------------------------------------------------------
+# The real path: what trains is what was judged, precision, schedules, held-out data
+# -------------------------------------------------------------------------------------------------
+
+def spy(monkeypatch, name, calls):
+    """Record every call of sail.<name> as (args, kwargs, result) and pass it through."""
+    real = getattr(sail, name)
+
+    def spied(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append((args, kwargs, result))
+        return result
+    monkeypatch.setattr(sail, name, spied)
+    return calls
+
+
+def test_self_labelled_pairs_train_on_the_exact_latents_eq8_judged(tmp_path, tiny_base,
+                                                                    monkeypatch):
+    judged, trained = spy(monkeypatch, "implicit_reward", []), spy(monkeypatch, "training_latents", [])
+    out = tmp_path / "run"
+    assert sail.main([*RESUMABLE, "--out", str(out)]) == 0
+    pairs = [sail.pair_paths(p, lambda name: str(out / "iter_1" / name))
+             for p in json.loads((out / "iter_1" / "pairs.json").read_text())]
+    ranked = [(candidates, rewards) for (_, _, candidates, *_), _, rewards in judged
+              if len(candidates) == 3]  # the N = 3 candidates of a prompt (held-out calls: 2P)
+    assert len(ranked) == 4 and len(pairs) >= 1
+    for pair in pairs:  # the saved latents are the candidates Eq. 8 ranked best and worst
+        x_w, x_l = (torch.load(pair[f"{key}_latents"]) for key in ("chosen", "rejected"))
+        assert any(torch.equal(c[r.argmax()], x_w) and torch.equal(c[r.argmin()], x_l)
+                   for c, r in ranked)
+    self_rows = 0
+    for (_, batch, *_), _, x0 in trained:  # ... and what DPO trains on, bit for bit
+        for i, pair in enumerate(batch):
+            if "chosen_latents" in pair:
+                saved = [torch.load(pair[f"{key}_latents"]) for key in ("chosen", "rejected")]
+                assert torch.equal(x0[i], saved[0]) and torch.equal(x0[len(batch) + i], saved[1])
+                self_rows += 1
+    assert self_rows > 0
+
+
+def test_eq8_rounding_spread_at_theta_equal_ref_is_zero_in_fp32_and_small_in_fp16(pipe):
+    """At theta == ref every reward is 0: any spread there is rounding (--reward-precision)."""
+    theta, x = copy.deepcopy(pipe.unet), latents(8)
+
+    def spread(model, precision):
+        ref = sail.frozen_copy(pipe.unet, precision)
+        with sail.autocast(torch.device("cpu"), precision):
+            r = reward(model, ref, x, pipe)
+        return (r.max() - r.min()).item()
+
+    real = spread(perturbed(theta, scale=0.01), "fp32")  # a model that has moved a little
+    assert spread(theta, "fp32") == 0
+    assert 0 < spread(theta, "fp16") < 0.05 * real
+
+
+def test_learning_rate_warms_up_linearly_at_most_a_quarter_of_the_stage(tmp_path, tiny_base):
+    out = tmp_path / "run"
+    assert sail.main(["--tiny", "--iters", "0", "--dpo-steps", "12", "--warmup-steps", "500",
+                      "--pretrain-steps", str(PRETRAIN_STEPS), "--out", str(out)]) == 0
+    lrs = [r["lr"] for r in records(out) if "step" in r]  # warm-up min(500, 12 // 4) = 3 steps
+    assert lrs == pytest.approx([3e-5 * f for f in (0.25, 0.5, 0.75)] + [3e-5] * 9)
+
+
+def test_presets_follow_the_official_warmup_per_family(tiny_base, tmp_path):
+    build_tiny_sdxl(tmp_path / "sdxl", tiny_base)
+    assert sail.parse_args(["--model", tiny_base]).warmup_steps == 500          # SD 1.5
+    assert sail.parse_args(["--model", str(tmp_path / "sdxl")]).warmup_steps == 200  # SDXL
+
+
+def test_sampler_never_clips_latents_unless_the_model_config_says_so(pipe):
+    from diffusers import EulerDiscreteScheduler
+    pipe = copy.copy(pipe)
+    for sampler in ("ddim", "ddpm"):
+        pipe.scheduler = EulerDiscreteScheduler()  # SDXL's: its config has no clip_sample
+        sail.set_sampler(pipe, argparse_like(sampler=sampler))
+        assert pipe.scheduler.config.clip_sample is False
+        pipe.scheduler = DDPMScheduler(clip_sample=True)  # a config that asks for it keeps it
+        sail.set_sampler(pipe, argparse_like(sampler=sampler))
+        assert pipe.scheduler.config.clip_sample is True
+
+
+def argparse_like(**settings):
+    return type("Settings", (), settings)
+
+
+def test_an_unknown_flag_is_named_with_the_closest_one_exit_2(capsys):
+    assert sail.main(["--itrs", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: unknown flag --itrs (did you mean --iters?); python sail.py --help "
+                   "lists every flag"]
+
+
+def test_resume_works_from_another_working_directory(tmp_path, monkeypatch, tiny_base):
+    out = tmp_path / "run"
+    count_calls(monkeypatch, "dpo_loss", crash_at=2)
+    with pytest.raises(Crash):
+        sail.main([*RESUMABLE, "--out", str(out), "--seed-pairs", "seed_pairs.json"])  # relative
+    monkeypatch.undo()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert sail.main(["--resume", str(out), "--seed-pairs", str(HERE / "seed_pairs.json")]) == 0
+    assert json.loads((out / "config.json").read_text())["seed_pairs"] == str(HERE / "seed_pairs.json")
+
+
+def test_held_out_pairs_are_a_fixed_five_percent_never_trained_on():
+    pairs = [{"prompt": f"p{i}"} for i in range(400)]
+    args = argparse_like(heldout_pairs=None, seed=0)
+    train, held = sail.split_heldout(pairs, args)
+    assert len(held) == 20 and len(train) == 380
+    assert not {p["prompt"] for p in held} & {p["prompt"] for p in train}
+    assert sail.split_heldout(pairs, args) == (train, held)  # seeded: the same every run
+    assert sail.split_heldout(pairs[:19], args) == (pairs[:19], [])  # too few to spare 5%
+    assert len(sail.split_heldout(pairs * 30, args)[1]) == 500  # at most 500
+
+
+def test_judge_agreement_is_one_minus_itself_on_flipped_pairs_and_half_at_theta_equal_ref(pipe):
+    held = sail.read_seed_pairs(HERE / "heldout_pairs.json")[:6]
+    args = argparse_like(seed=0, resolution=16, reward_batch=40, k_draws=2, beta=5000.0,
+                         precision="fp32")
+    theta = copy.deepcopy(pipe)
+    theta.unet = perturbed(pipe.unet, scale=0.05)
+    flipped = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in held]
+    agree = sail.judge_agreement(theta, pipe.unet, held, args)
+    assert sail.judge_agreement(theta, pipe.unet, flipped, args) == pytest.approx(1 - agree)
+    assert 0 < agree < 1  # the perturbed model has an opinion, right on some pairs only
+    assert sail.judge_agreement(pipe, pipe.unet, held, args) == 0.5  # theta == ref: all ties
+
+
+def test_real_models_evaluate_on_prompts_no_stage_trains_on():
+    seed = [{"prompt": "a"}, {"prompt": "b"}]
+    prompts = ["a", "c", "d", "e", "f", "g", "b", "h"]
+    args = argparse_like(tiny=False, prompts="prompts.txt")
+    train, held = sail.split_eval_prompts(prompts, seed, args)
+    assert held == ["e", "f", "g", "h"] and train == ["a", "c", "d", "b"]
+    with pytest.raises(sail.InputError, match="none is left to evaluate on"):
+        sail.split_eval_prompts(["a", "b"], seed, args)
+
+
+def write_pickapic_dataset(folder, n):
+    datasets = pytest.importorskip("datasets")
+    rows = pickapic_rows(n)
+    columns = ["caption", "jpg_0", "jpg_1", "label_0", "label_1"]
+    datasets.Dataset.from_dict({name: [row[i] for row in rows] for i, name in enumerate(columns)}
+                               ).save_to_disk(folder)
+
+
+def test_a_real_model_without_data_flags_trains_on_a_cached_pickapic_subset(
+        tmp_path, tiny_base, monkeypatch, capsys):
+    import pickapic
+    write_pickapic_dataset(tmp_path / "pickapic", 40)
+    monkeypatch.setattr(sail, "PICKAPIC_SEED_PAIRS", 8)
+    flags = ["--model", tiny_base, "--pickapic-dataset", str(tmp_path / "pickapic"), *REAL_QUICK]
+    assert sail.main([*flags, "--out", str(tmp_path / "one")]) == 0
+    config = json.loads((tmp_path / "one" / "config.json").read_text())
+    seed_pairs = sail.read_seed_pairs(config["seed_pairs"])
+    prompts = sail.read_prompts(config["prompts"])
+    assert len(seed_pairs) == 8 and len(prompts) == 1 * 4 + sail.EVAL_PROMPTS
+    assert not {p["prompt"] for p in seed_pairs} & set(prompts)  # prompts are other captions
+    monkeypatch.setattr(pickapic, "open_dataset", None)  # the second run reads the cache only
+    assert sail.main([*flags, "--out", str(tmp_path / "two")]) == 0
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["seed_pairs"] == config["seed_pairs"]
+
+
+def test_a_real_model_without_data_or_datasets_exits_2_naming_both_fixes(
+        tmp_path, tiny_base, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets fails
+    assert sail.main(["--model", tiny_base, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install datasets" in err[0] and "--seed-pairs" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_prompt_tied_says_why_and_what_to_change(tmp_path, tiny_base, capsys):
+    assert sail.main(["--tiny", "--iters", "1", "--lr", "1e-12", "--pretrain-steps",
+                      str(PRETRAIN_STEPS), *QUICK, "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "equal within float tolerance" in out and "Raise --lr or --dpo-steps" in out
+
+
+# -------------------------------------------------------------------------------------------------
 # Whole runs: the tiny world, and the real-SD loading path on a saved pipeline
 # -------------------------------------------------------------------------------------------------
 
@@ -447,11 +627,13 @@ def test_tiny_run_writes_every_output_and_its_unet_loads_back(tmp_path, tiny_bas
 
 REAL_QUICK = ["--iters", "1", "--resolution", "16", "--sample-steps", "2", "--effective-batch", "4",
               "--micro-batch", "2", "--generation-batch", "6", *QUICK]
+# a real model's data is Pick-a-Pic unless given: these runs take the tiny world's files
+TINY_DATA = ["--seed-pairs", str(HERE / "seed_pairs.json"), "--prompts", str(HERE / "prompts.txt")]
 
 
 def run_saved_model(model, out, capsys):
     """sail.py --model <folder>: the code path of a real SD checkpoint, on a tiny saved pipeline."""
-    code = sail.main(["--model", str(model), "--out", str(out), *REAL_QUICK])
+    code = sail.main(["--model", str(model), "--out", str(out), *REAL_QUICK, *TINY_DATA])
     lines = capsys.readouterr().out.splitlines()
     assert code == 0
     assert lines[0] == f"sail: {model} on cpu"
@@ -757,13 +939,14 @@ def final_unet(run):
 def assert_same_run(expected, run):
     assert records(run) == records(expected)
     assert (run / "iter_1" / "pairs.json").read_text() == (expected / "iter_1" / "pairs.json").read_text()
+    for theirs in (expected / "iter_1" / "pairs").glob("*.pt"):  # the judged latents, bit for bit
+        assert torch.equal(torch.load(theirs), torch.load(run / "iter_1" / "pairs" / theirs.name))
     theirs, ours = final_unet(expected), final_unet(run)
     assert all(torch.equal(theirs[name], ours[name]) for name in theirs)
 
 
-def test_checkpoints_keep_only_the_newest(uninterrupted):
-    kept = sorted(path.name for path in (uninterrupted / "checkpoints").iterdir())
-    assert kept == ["iter_1-step000004.pt", "iter_1-step000006.pt"]  # --keep-checkpoints 2
+def test_a_finished_stage_deletes_its_checkpoints(uninterrupted):
+    assert list((uninterrupted / "checkpoints").iterdir()) == []  # each stage's UNet is saved
 
 
 class Crash(Exception):
@@ -791,7 +974,9 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch
     out = tmp_path / "run"
     count_calls(monkeypatch, name, crash_at)
     with pytest.raises(Crash):
-        sail.main([*RESUMABLE, "--out", str(out)])
+        sail.main([*RESUMABLE, "--out", str(out), "--keep-checkpoints", "1"])
+    if name == "dpo_loss":  # iter_0 finished (its checkpoints are gone); iter_1 keeps the newest
+        assert [p.name for p in (out / "checkpoints").iterdir()] == ["iter_1-step000002.pt"]
     monkeypatch.undo()
     monkeypatch.chdir(HERE)
     calls = count_calls(monkeypatch, name)
@@ -924,8 +1109,10 @@ def torchrun(*flags):
 
 def assert_same_up_to_rounding(expected, out):
     ours, theirs = records(out), records(expected)
-    assert [r["stage"] for r in ours] == [r["stage"] for r in theirs]
-    assert [r.get("loss") for r in ours] == pytest.approx([r.get("loss") for r in theirs], rel=1e-3)
+    assert [(r["stage"], r.get("step")) for r in ours] == [(r["stage"], r.get("step")) for r in theirs]
+    # every DPO step's loss (stage summaries carry the stage mean): the same up to rounding
+    assert [r["loss"] for r in ours if "loss" in r] == pytest.approx(
+        [r["loss"] for r in theirs if "loss" in r], rel=1e-3)
     pairs = [json.loads((run / "iter_1" / "pairs.json").read_text()) for run in (out, expected)]
     assert [p["prompt"] for p in pairs[0]] == [p["prompt"] for p in pairs[1]]
     # the two runs differ by float rounding only: far less than what training changed
@@ -975,16 +1162,21 @@ def test_bf16_keeps_frozen_models_in_bf16_and_trains_the_unet_in_fp32(tmp_path, 
     assert all(math.isfinite(r["loss"]) for r in records(out) if "loss" in r)
 
 
-def test_fp16_trains_with_a_loss_scaler(tmp_path, tiny_base):
+def test_fp16_redoes_overflowing_steps_counts_them_and_carries_the_scale(tmp_path, tiny_base):
     out = tmp_path / "run"
-    assert sail.main(["--tiny", "--iters", "0", "--dpo-steps", "2", "--checkpoint-every", "2",
-                      "--pretrain-steps", str(PRETRAIN_STEPS), "--precision", "fp16",
-                      "--out", str(out)]) == 0
-    losses = [r["loss"] for r in records(out) if "step" in r]
-    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
-    assert losses[0] == pytest.approx(math.log(2), abs=0.01)  # theta == ref up to fp16 rounding
-    scaler = torch.load(out / "checkpoints" / "iter_0-step000002.pt", weights_only=True)["scaler"]
-    assert scaler["scale"] > 1  # the scaler was on (it starts at 2**16)
+    assert sail.main(["--tiny", "--iters", "1", *QUICK, "--pretrain-steps", str(PRETRAIN_STEPS),
+                      "--precision", "fp16", "--out", str(out)]) == 0
+    steps = [r for r in records(out) if "step" in r]
+    summaries = {r["stage"]: r for r in records(out) if r.get("event") == "summary"}
+    assert all(math.isfinite(r["loss"]) for r in steps)
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=0.01)  # theta == ref up to fp16
+    first = [r for r in steps if r["stage"] == "iter_0"]
+    assert first[0]["overflows"] > 0  # 2**16 overflowed: the step was redone, not skipped
+    assert summaries["iter_0"]["overflows"] == sum(r["overflows"] for r in first)
+    assert [r["overflows"] for r in steps if r["stage"] == "iter_1"][0] == 0  # scale carried over
+    trained = UNet2DConditionModel.from_pretrained(out / "iter_0" / "unet").state_dict()
+    base = UNet2DConditionModel.from_pretrained(out / "tiny_base" / "unet").state_dict()
+    assert any(not torch.equal(trained[k], base[k]) for k in base)  # 3 steps, 3 updates
 
 
 def test_fp16_keeps_a_vae_that_asks_for_it_in_fp32(pipe):

@@ -1246,6 +1246,14 @@ def test_evaluate_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
 # what each step was given; each test compares that with what SPEC section 1 says it should be.
 # A model is identified by what it predicts on one fixed noisy latent (`denoises`).
 
+def test_ranked_mixup_ranks_by_margin_not_by_the_winners_reward():
+    pairs = [{"prompt": f"p{i}", "reward_chosen": w, "reward_rejected": l, "confidence": 0.0}
+             for i, (w, l) in enumerate([(5.0, 4.9), (1.0, -2.0), (2.0, 0.0), (0.5, 0.4)])]
+    mixed = sail.ranked_mixup(pairs, SEEDS, 0.5, random.Random(0), keep_top=0.5)
+    # margins 0.1, 3.0, 2.0, 0.1: the top half is p1, p2, though p0 has the highest r_w
+    assert [p["prompt"] for p in mixed if "reward_chosen" in p] == ["p1", "p2"]
+
+
 WIRED = ["--tiny", "--iters", "2", "--reward-ref", "prev", "--pretrain-steps", str(PRETRAIN_STEPS),
          "--dpo-steps", "3", "--n-candidates", "3", "--k-draws", "2", "--prompts-per-iter", "4"]
 WIRED_STAGES = ["base", "iter_0", "iter_1", "iter_2"]
@@ -1646,11 +1654,3 @@ def test_a_resume_after_two_finished_stages_continues_from_the_last(wired_run, t
     assert records(run) == records(out)
     ours, theirs = saved_unet(run, "iter_2").state_dict(), saved_unet(out, "iter_2").state_dict()
     assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
-
-
-def test_ranked_mixup_ranks_by_margin_not_by_the_winners_reward():
-    pairs = [{"prompt": f"p{i}", "reward_chosen": w, "reward_rejected": l, "confidence": 0.0}
-             for i, (w, l) in enumerate([(5.0, 4.9), (1.0, -2.0), (2.0, 0.0), (0.5, 0.4)])]
-    mixed = sail.ranked_mixup(pairs, SEEDS, 0.5, random.Random(0), keep_top=0.5)
-    # margins 0.1, 3.0, 2.0, 0.1: the top half is p1, p2, though p0 has the highest r_w
-    assert [p["prompt"] for p in mixed if "reward_chosen" in p] == ["p1", "p2"]

@@ -9,6 +9,7 @@ Equation numbers are SPEC.md's, as in sail.py.
 import copy
 import csv
 import importlib.util
+import inspect
 import io
 import json
 import math
@@ -1255,7 +1256,8 @@ def test_ranked_mixup_ranks_by_margin_not_by_the_winners_reward():
 
 
 WIRED = ["--tiny", "--iters", "2", "--reward-ref", "prev", "--pretrain-steps", str(PRETRAIN_STEPS),
-         "--dpo-steps", "3", "--n-candidates", "3", "--k-draws", "2", "--prompts-per-iter", "4"]
+         "--dpo-steps", "3", "--n-candidates", "3", "--k-draws", "2", "--prompts-per-iter", "4",
+         "--sample-steps", "4"]
 WIRED_STAGES = ["base", "iter_0", "iter_1", "iter_2"]
 
 
@@ -1308,6 +1310,8 @@ def spy_on_sail(monkeypatch):
 
     def dpo_step_data(*args, **kwargs):
         data = real["dpo_step_data"](*args, **kwargs)
+        if context[0] is None or "steps" not in context[0]:
+            return data
         unet = context[0]["unet"]
         context[0]["steps"].append({"batch": data[0], "calls": [], "stale_grads": any(
             p.grad is not None and bool(p.grad.any()) for p in unet.parameters())})
@@ -1323,6 +1327,8 @@ def spy_on_sail(monkeypatch):
 
     def make_optimizer(params, args):
         optimizer = real["make_optimizer"](params, args)
+        if context[0] is None or "grad_norms" not in context[0]:
+            return optimizer
         norms = context[0]["grad_norms"]
 
         def before_step(optimizer, *_):  # the gradient the update will use, after clipping
@@ -1341,8 +1347,11 @@ def spy_on_sail(monkeypatch):
                                                                args, stage))
 
     def generate(pipe, prompts, n, args, generator):
-        states = [g.get_state() for g in generator]  # before the sampler draws from them
+        generators = generator if isinstance(generator, list) else [generator]
+        states = [g.get_state() for g in generators if g is not None]  # before the sampler draws
         latents = real["generate"](pipe, prompts, n, args, generator)
+        if context[0] is None:
+            return latents
         context[0]["generated"] = {"prompts": list(prompts), "n": n, "latents": latents.clone(),
                                    "model": denoises(pipe.unet), "states": states,
                                    "sampler": type(pipe.scheduler).__name__}
@@ -1350,10 +1359,15 @@ def spy_on_sail(monkeypatch):
 
     def implicit_reward(unet, ref_unet, latents, text_emb, *args, **kwargs):
         rewards = real["implicit_reward"](unet, ref_unet, latents, text_emb, *args, **kwargs)
+        given = inspect.signature(real["implicit_reward"]).bind(
+            unet, ref_unet, latents, text_emb, *args, **kwargs).arguments
+        if context[0] is None or "judged" not in context[0]:
+            return rewards  # Eq. 8 outside self-labelling (a held-out judge accuracy, say)
         text = text_emb["encoder_hidden_states"] if isinstance(text_emb, dict) else text_emb
         context[0]["judged"].append({"latents": latents.clone(), "text": text.clone(),
                                      "rewards": rewards.clone(), "theta": denoises(unet),
-                                     "ref": denoises(ref_unet)})
+                                     "ref": denoises(ref_unet), "k": given["k"],
+                                     "beta": given["beta"]})
         return rewards
 
     def evaluate(pipe, args, folder, eval_prompts):
@@ -1456,6 +1470,7 @@ def test_each_prompts_candidates_are_judged_together_under_its_own_prompt(wired_
         torch.testing.assert_close(torch.cat([j["latents"] for j in record["judged"]]),
                                    generated["latents"], rtol=0, atol=0)
         for prompt, judged in zip(record["prompts"], record["judged"]):
+            assert (judged["k"], judged["beta"]) == (2, 5000)  # --k-draws 2, --beta 5000
             own = record["encode"]([prompt])["encoder_hidden_states"]           # (1, L, D)
             torch.testing.assert_close(judged["text"], own, rtol=1e-5, atol=1e-5)
 
@@ -1591,7 +1606,7 @@ def test_what_trains_as_chosen_is_what_eq8_ranked_higher(wired_run):
                 rows = torch.stack([x_w, x_l]) / vae.config.scaling_factor
                 own += log_likelihood(rows, mean, std).sum().item()
                 swapped += log_likelihood(rows, mean.flip(0), std.flip(0)).sum().item()
-    assert exact > 0 or own > swapped + 50  # measured: by 389 nats
+    assert exact > 0 or own > swapped + 30  # measured: by 139 nats
 
 
 def test_winner_and_loser_share_prompt_t_and_noise_and_about_a_fifth_of_prompts_are_empty(

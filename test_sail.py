@@ -9,6 +9,7 @@ Equation numbers are SPEC.md's, as in sail.py.
 import copy
 import csv
 import importlib.util
+import inspect
 import io
 import json
 import math
@@ -1427,3 +1428,436 @@ def test_evaluate_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     import evaluate
     assert evaluate.main([str(tmp_path)]) == 2
     assert "not a sail.py run folder" in capsys.readouterr().err
+
+
+# =================================================================================================
+# Wiring: what each step of a whole run is given (issue 18)
+# =================================================================================================
+# The tests above pin each formula in isolation; these pin how the pieces are wired together. All
+# read ONE run with two iterations and --reward-ref prev, so that iteration 2, the 'prev' judge and
+# a resume after two finished stages all happen. Spies (wrappers that record their arguments) see
+# what each step was given; each test compares that with what SPEC section 1 says it should be.
+# A model is identified by what it predicts on one fixed noisy latent (`denoises`).
+
+def test_ranked_mixup_ranks_by_margin_not_by_the_winners_reward():
+    pairs = [{"prompt": f"p{i}", "reward_chosen": w, "reward_rejected": l, "confidence": 0.0}
+             for i, (w, l) in enumerate([(5.0, 4.9), (1.0, -2.0), (2.0, 0.0), (0.5, 0.4)])]
+    mixed = sail.ranked_mixup(pairs, SEEDS, 0.5, random.Random(0), keep_top=0.5)
+    # margins 0.1, 3.0, 2.0, 0.1: the top half is p1, p2, though p0 has the highest r_w
+    assert [p["prompt"] for p in mixed if "reward_chosen" in p] == ["p1", "p2"]
+
+
+WIRED = ["--tiny", "--iters", "2", "--reward-ref", "prev", "--pretrain-steps", str(PRETRAIN_STEPS),
+         "--dpo-steps", "3", "--n-candidates", "3", "--k-draws", "2", "--prompts-per-iter", "4",
+         "--sample-steps", "4"]
+WIRED_STAGES = ["base", "iter_0", "iter_1", "iter_2"]
+
+
+def denoises(unet):
+    """What `unet` predicts for one fixed noisy latent and context: equal answers, one model."""
+    generator = torch.Generator().manual_seed(123)
+    x_t = torch.randn((1, 4, 8, 8), generator=generator)
+    context = torch.randn((1, 8, 32), generator=generator)
+    with torch.no_grad():
+        return unet(x_t.to(unet.device, unet.dtype), torch.tensor([500], device=unet.device),
+                    encoder_hidden_states=context.to(unet.device, unet.dtype)).sample.float().cpu()
+
+
+def same_model(a, b):
+    """Two `denoises` answers from one model (a copy differs by float rounding: ~5e-7)."""
+    return (a - b).abs().max().item() < 1e-4
+
+
+def stage_before(stage):
+    """The stage whose model `stage` starts from: eps^{i-1} for iter_i, the base for iter_0."""
+    return "base" if stage == "iter_0" else f"iter_{int(stage.split('_')[1]) - 1}"
+
+
+def saved_unet(out, stage):
+    return UNet2DConditionModel.from_pretrained(out / "tiny_base" / "unet" if stage == "base"
+                                                else out / stage / "unet")
+
+
+def spy_on_sail(monkeypatch):
+    """Wrap sail's steps so that a run records what each was given; returns the records."""
+    seen = {"dpo": [], "judge": [], "evaluate": []}
+    context = [None]  # the record of the step running now: a DPO stage, a judging call, an evaluation
+    real = {name: getattr(sail, name) for name in (
+        "diffusion_dpo", "dpo_step_data", "denoising_error", "make_optimizer", "judge_candidates",
+        "generate", "implicit_reward", "evaluate")}
+
+    def within(record, call):
+        context[0] = record
+        try:
+            return call()
+        finally:
+            context[0] = None
+
+    def diffusion_dpo(pipe, ref_unet, pairs, args, stage, run):
+        record = {"stage": stage, "pairs": list(pairs), "theta": denoises(pipe.unet),
+                  "ref": denoises(ref_unet), "unet": pipe.unet, "steps": [], "grad_norms": [],
+                  "encode": lambda prompts: sail.encode_text(pipe, prompts, args.resolution)}
+        seen["dpo"].append(record)
+        return within(record, lambda: real["diffusion_dpo"](pipe, ref_unet, pairs, args, stage, run))
+
+    def dpo_step_data(*args, **kwargs):
+        data = real["dpo_step_data"](*args, **kwargs)
+        if context[0] is None or "steps" not in context[0]:
+            return data
+        unet = context[0]["unet"]
+        context[0]["steps"].append({"batch": data[0], "calls": [], "stale_grads": any(
+            p.grad is not None and bool(p.grad.any()) for p in unet.parameters())})
+        return data
+
+    def denoising_error(unet, scheduler, x0, noise, t, cond):
+        if context[0] is not None and "steps" in context[0]:  # a DPO step, not Eq. 8
+            context[0]["steps"][-1]["calls"].append({
+                "model": "theta" if unet is context[0]["unet"] else "ref", "x0": x0.detach().clone(),
+                "noise": noise.clone(), "t": t.clone(),
+                "cond": {k: v.detach().clone() for k, v in cond.items()}})
+        return real["denoising_error"](unet, scheduler, x0, noise, t, cond)
+
+    def make_optimizer(params, args):
+        optimizer = real["make_optimizer"](params, args)
+        if context[0] is None or "grad_norms" not in context[0]:
+            return optimizer
+        norms = context[0]["grad_norms"]
+
+        def before_step(optimizer, *_):  # the gradient the update will use, after clipping
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+                     if p.grad is not None]
+            norms.append(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g) for g in grads])).item())
+        optimizer.register_step_pre_hook(before_step)
+        return optimizer
+
+    def judge_candidates(pipe, judge_ref, prompts, indices, args, stage):
+        record = {"stage": stage, "prompts": list(prompts), "judged": [],
+                  "encode": lambda prompts: sail.encode_text(pipe, prompts, args.resolution)}
+        seen["judge"].append(record)
+        return within(record, lambda: real["judge_candidates"](pipe, judge_ref, prompts, indices,
+                                                               args, stage))
+
+    def generate(pipe, prompts, n, args, generator):
+        generators = generator if isinstance(generator, list) else [generator]
+        states = [g.get_state() for g in generators if g is not None]  # before the sampler draws
+        latents = real["generate"](pipe, prompts, n, args, generator)
+        if context[0] is None:
+            return latents
+        context[0]["generated"] = {"prompts": list(prompts), "n": n, "latents": latents.clone(),
+                                   "model": denoises(pipe.unet), "states": states,
+                                   "sampler": type(pipe.scheduler).__name__}
+        return latents
+
+    def implicit_reward(unet, ref_unet, latents, text_emb, *args, **kwargs):
+        rewards = real["implicit_reward"](unet, ref_unet, latents, text_emb, *args, **kwargs)
+        given = inspect.signature(real["implicit_reward"]).bind(
+            unet, ref_unet, latents, text_emb, *args, **kwargs).arguments
+        if context[0] is None or "judged" not in context[0]:
+            return rewards  # Eq. 8 outside self-labelling (a held-out judge accuracy, say)
+        text = text_emb["encoder_hidden_states"] if isinstance(text_emb, dict) else text_emb
+        context[0]["judged"].append({"latents": latents.clone(), "text": text.clone(),
+                                     "rewards": rewards.clone(), "theta": denoises(unet),
+                                     "ref": denoises(ref_unet), "k": given["k"],
+                                     "beta": given["beta"]})
+        return rewards
+
+    def evaluate(pipe, args, folder, eval_prompts):
+        record = {"stage": Path(folder).name}
+        seen["evaluate"].append(record)
+        return within(record, lambda: real["evaluate"](pipe, args, folder, eval_prompts))
+
+    for name in real:
+        monkeypatch.setattr(sail, name, locals()[name])
+    return seen
+
+
+@pytest.fixture(scope="session")
+def wired_run(tmp_path_factory, tiny_base):
+    """(run folder, records): two SAIL iterations, reward ref 'prev', every step spied on."""
+    out = tmp_path_factory.mktemp("wired") / "run"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        seen = spy_on_sail(monkeypatch)
+        assert sail.main([*WIRED, "--out", str(out)]) == 0
+    return out, seen
+
+
+@pytest.fixture(scope="session")
+def wired_models(wired_run):
+    """What each stage's saved model denoises; the stages differ, so a wrong model is noticed."""
+    out, _ = wired_run
+    models = {stage: denoises(saved_unet(out, stage)) for stage in WIRED_STAGES}
+    assert all((models[a] - models[b]).abs().max() > 1e-2  # measured: 0.04 and more
+               for i, a in enumerate(WIRED_STAGES) for b in WIRED_STAGES[i + 1:])
+    return models
+
+
+def test_every_dpo_stage_starts_at_ln2_and_its_later_steps_leave_it(wired_run):
+    out, _ = wired_run
+    steps = [r for r in records(out) if "step" in r]
+    for stage in WIRED_STAGES[1:]:
+        mine = [r for r in steps if r["stage"] == stage]
+        assert [r["step"] for r in mine] == [1, 2, 3]
+        # step 1: theta == ref, so every logit is 0 (a reference other than theta's start is not)
+        assert mine[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert mine[0]["implicit_acc"] == 0
+        # later steps: theta has moved, ref has not (a reference that follows theta stays at ln 2)
+        assert all(abs(r["loss"] - math.log(2)) > 1e-3 for r in mine[1:])
+        assert any(r["implicit_acc"] > 0 for r in mine[1:])
+
+
+def test_each_stage_trains_from_and_against_the_model_the_stage_before_saved(wired_run,
+                                                                             wired_models):
+    """eps^i = DiffusionDPO(init=eps^{i-1}, ref=eps^{i-1}); step 0: init = ref = base."""
+    _, seen = wired_run
+    assert [r["stage"] for r in seen["dpo"]] == WIRED_STAGES[1:]
+    for record in seen["dpo"]:
+        before = wired_models[stage_before(record["stage"])]
+        assert same_model(record["theta"], before), f"{record['stage']}: theta's start"
+        assert same_model(record["ref"], before), f"{record['stage']}: the DPO reference"
+
+
+def test_candidates_are_drawn_and_judged_by_the_current_model_with_the_chosen_sampler(
+        wired_run, wired_models):
+    """Iteration i samples x_1..x_N from eps^{i-1} and Eq. 8's theta is eps^{i-1}."""
+    _, seen = wired_run
+    assert sorted({r["stage"] for r in seen["judge"]}) == ["iter_1", "iter_2"]
+    for record in seen["judge"]:
+        current = wired_models[stage_before(record["stage"])]
+        assert same_model(record["generated"]["model"], current), f"{record['stage']}: sampler"
+        assert record["generated"]["sampler"] == "DDIMScheduler"  # --sampler ddim (tiny preset)
+        assert all(same_model(j["theta"], current) for j in record["judged"])
+
+
+def test_reward_ref_prev_judges_against_the_reference_of_the_previous_round(wired_run,
+                                                                           wired_models):
+    """--reward-ref prev: Eq. 8's ref in iteration i is eps^{i-2}, the model round i-1 started
+    from (the base for i = 1); it is not eps^{i-1} itself, which would tie every candidate."""
+    out, seen = wired_run
+    expected = {"iter_1": "base", "iter_2": "iter_0"}
+    for record in seen["judge"]:
+        assert all(same_model(j["ref"], wired_models[expected[record["stage"]]])
+                   for j in record["judged"]), record["stage"]
+    summaries = {r["stage"]: r for r in records(out) if r.get("event") == "summary"}
+    assert summaries["iter_1"]["self_pairs"] > 0 and summaries["iter_2"]["self_pairs"] > 0
+
+
+def test_each_iteration_judges_its_own_disjoint_prompt_slice(wired_run):
+    _, seen = wired_run
+    prompts = sail.read_prompts(HERE / "prompts.txt")
+    judged = {stage: [p for r in seen["judge"] if r["stage"] == stage for p in r["prompts"]]
+              for stage in ("iter_1", "iter_2")}
+    # --prompts-per-iter 4: iteration i takes lines 4(i-1) .. 4i-1 of prompts.txt, in order
+    assert judged == {"iter_1": prompts[0:4], "iter_2": prompts[4:8]}
+    assert not set(judged["iter_1"]) & set(judged["iter_2"])  # the file's first 8 differ
+
+
+def test_each_prompts_candidates_are_judged_together_under_its_own_prompt(wired_run):
+    _, seen = wired_run
+    for record in seen["judge"]:
+        generated = record["generated"]
+        assert generated["prompts"] == record["prompts"] and generated["n"] == 3
+        # Eq. 8 sees every sampled candidate once, prompt by prompt, N at a time
+        assert [j["latents"].shape[0] for j in record["judged"]] == [3] * len(record["prompts"])
+        torch.testing.assert_close(torch.cat([j["latents"] for j in record["judged"]]),
+                                   generated["latents"], rtol=0, atol=0)
+        for prompt, judged in zip(record["prompts"], record["judged"]):
+            assert (judged["k"], judged["beta"]) == (2, 5000)  # --k-draws 2, --beta 5000
+            own = record["encode"]([prompt])["encoder_hidden_states"]           # (1, L, D)
+            torch.testing.assert_close(judged["text"], own, rtol=1e-5, atol=1e-5)
+
+
+def judged_prompts(seen, stage):
+    """[(prompt, Eq. 8's record for its N candidates)] of one iteration, in prompt order."""
+    return [(prompt, judged) for r in seen["judge"] if r["stage"] == stage
+            for prompt, judged in zip(r["prompts"], r["judged"])]
+
+
+def test_pairs_json_and_pair_images_say_what_eq8_ranked(wired_run):
+    """Each untied prompt gives one pair: chosen = argmax of its Eq. 8 rewards, rejected = argmin,
+    confidence = Eq. 9 > 0.5; the PNGs are those two candidates, decoded."""
+    out, seen = wired_run
+    vae = sail.AutoencoderKL.from_pretrained(out / "tiny_base" / "vae")
+    for stage in ("iter_1", "iter_2"):
+        untied = [(prompt, judged) for prompt, judged in judged_prompts(seen, stage)
+                  if not torch.isclose(judged["rewards"].max(), judged["rewards"].min())]
+        pairs = json.loads((out / stage / "pairs.json").read_text())
+        assert len(pairs) == len(untied) > 0
+        for pair, (prompt, judged) in zip(pairs, untied):
+            rewards = judged["rewards"]
+            best, worst = int(rewards.argmax()), int(rewards.argmin())
+            assert pair["prompt"] == prompt
+            assert pair["reward_chosen"] == pytest.approx(rewards[best].item(), abs=1e-6)
+            assert pair["reward_rejected"] == pytest.approx(rewards[worst].item(), abs=1e-6)
+            assert pair["confidence"] == pytest.approx(
+                torch.sigmoid(rewards[best] - rewards[worst]).item(), abs=1e-6)
+            assert pair["confidence"] > 0.5
+            decoded = sail.decode_latents(vae, judged["latents"][[best, worst]])  # (2, 3, 16, 16)
+            assert (decoded[0] - decoded[1]).abs().max() > 8 / 255  # the check can tell them apart
+            for key, image in zip(("chosen", "rejected"), decoded):
+                saved = sail.load_image(out / stage / pair[key], 16) / 2 + 0.5
+                assert (saved - image).abs().max() <= 1.5 / 255, f"{stage} {prompt}: {key}"
+
+
+def pair_key(pair, folder=None):
+    """A pair's identity: its prompt and its two images (self-labelled: relative to its stage)."""
+    images = [os.path.relpath(pair[k], folder) if folder else str(pair[k])
+              for k in ("chosen", "rejected")]
+    return (pair["prompt"], *images)
+
+
+def test_each_iteration_trains_on_its_self_labelled_pairs_mixed_with_seed_pairs(wired_run):
+    """D_0 = the seed pairs; D_i = the iteration's pairs.json plus (1 - alpha) / alpha = 3 times
+    as many seed pairs."""
+    out, seen = wired_run
+    seeds = [pair_key(p) for p in sail.read_seed_pairs(HERE / "seed_pairs.json")]
+    trained = {r["stage"]: r["pairs"] for r in seen["dpo"]}
+    assert [pair_key(p) for p in trained["iter_0"]] == seeds
+    for stage in ("iter_1", "iter_2"):
+        folder = out / stage
+        own = sorted(pair_key(p) for p in json.loads((folder / "pairs.json").read_text()))
+        mixed = [pair_key(p, folder) if Path(p["chosen"]).is_relative_to(folder) else pair_key(p)
+                 for p in trained[stage]]
+        self_labelled = sorted(key for key in mixed if key not in seeds)
+        assert self_labelled == own and len(own) > 0
+        assert len(mixed) == 4 * len(own)  # |D_i| = |S_i| / alpha, alpha = 0.25
+
+
+def posterior(vae, paths):
+    """The VAE posterior of each image file: (mean, std), each (B, 4, 8, 8), unscaled."""
+    images = torch.stack([sail.load_image(path, 16) for path in paths])
+    with torch.no_grad():
+        dist = vae.encode(images).latent_dist
+    return dist.mean, dist.std
+
+
+def log_likelihood(x, mean, std):
+    """log N(x; mean, std^2) summed over each sample's latent: (B,)."""
+    return torch.distributions.Normal(mean, std).log_prob(x).sum((1, 2, 3))
+
+
+def dpo_calls(seen, stage):
+    """[(step's batch of pairs, theta's denoising_error call)] of one DPO stage."""
+    record = next(r for r in seen["dpo"] if r["stage"] == stage)
+    steps = []
+    for step in record["steps"]:
+        assert [c["model"] for c in step["calls"]] == ["theta", "ref"]  # one micro-batch a step
+        steps.append((step["batch"], step["calls"][0]))
+    return steps
+
+
+def test_seed_pairs_train_on_scaled_vae_posterior_samples_each_with_its_own_noise(wired_run):
+    """x_0 = scaling_factor * (mean + std * z) of the right image, winners then losers, and the
+    posterior noises z of the winner and the loser are independent N(0, 1) draws."""
+    out, seen = wired_run
+    vae = sail.AutoencoderKL.from_pretrained(out / "tiny_base" / "vae")
+    scale = vae.config.scaling_factor
+    assert abs(scale - 1) > 0.05  # the check can tell a scaled latent from an unscaled one
+    z = {"chosen": [], "rejected": []}
+    for batch, call in dpo_calls(seen, "iter_0"):
+        x0 = call["x0"] / scale
+        b = len(batch)
+        for key, other, rows in (("chosen", "rejected", x0[:b]), ("rejected", "chosen", x0[b:])):
+            mean, std = posterior(vae, [p[key] for p in batch])
+            other_mean, other_std = posterior(vae, [p[other] for p in batch])
+            # each row is a draw from its own image's posterior, not the other image's
+            assert torch.all(log_likelihood(rows, mean, std)
+                             > log_likelihood(rows, other_mean, other_std)), key
+            z[key].append((rows - mean) / std)
+    z_w, z_l = torch.cat(z["chosen"]), torch.cat(z["rejected"])               # (S*B, 4, 8, 8)
+    both = torch.cat([z_w, z_l])
+    assert abs(both.mean().item()) < 0.05 and abs(both.std().item() - 1) < 0.03
+    correlation = torch.corrcoef(torch.stack([z_w.flatten(), z_l.flatten()]))[0, 1]
+    assert abs(correlation.item()) < 0.05
+
+
+def test_what_trains_as_chosen_is_what_eq8_ranked_higher(wired_run):
+    """A self-labelled pair trains its Eq. 8 winner as x_w: the judged latent itself (SPEC), or
+    (sail.py before the exact-latents change) a VAE posterior sample of the winner's saved PNG;
+    then the chosen-then-rejected reading explains the trained latents better than the swapped one
+    (summed over every self-labelled row: one pair of near-identical PNGs can go either way)."""
+    out, seen = wired_run
+    vae = sail.AutoencoderKL.from_pretrained(out / "tiny_base" / "vae")
+    exact, own, swapped = 0, 0.0, 0.0
+    for stage in ("iter_1", "iter_2"):
+        judged = dict(judged_prompts(seen, stage))
+        assert len(judged) == 4  # each prompt of the slice once, so a prompt names its candidates
+        for batch, call in dpo_calls(seen, stage):
+            b = len(batch)
+            for i, pair in enumerate(batch):
+                if pair["prompt"] not in judged or "reward_chosen" not in pair:
+                    continue  # a seed pair
+                candidates, rewards = (judged[pair["prompt"]][k] for k in ("latents", "rewards"))
+                best, worst = candidates[int(rewards.argmax())], candidates[int(rewards.argmin())]
+                x_w, x_l = call["x0"][i], call["x0"][b + i]
+                if torch.allclose(x_w, best) or torch.allclose(x_l, worst):
+                    assert torch.allclose(x_w, best) and torch.allclose(x_l, worst)
+                    exact += 1
+                    continue
+                mean, std = posterior(vae, [pair["chosen"], pair["rejected"]])     # (2, 4, 8, 8)
+                rows = torch.stack([x_w, x_l]) / vae.config.scaling_factor
+                own += log_likelihood(rows, mean, std).sum().item()
+                swapped += log_likelihood(rows, mean.flip(0), std.flip(0)).sum().item()
+    assert exact > 0 or own > swapped + 30  # measured: by 139 nats
+
+
+def test_winner_and_loser_share_prompt_t_and_noise_and_about_a_fifth_of_prompts_are_empty(
+        wired_run):
+    """Eq. DPO: x_w and x_l share t, eps and the conditioning (an empty prompt for both, 20% of
+    pairs: --cfg-dropout); theta and ref see the very same inputs."""
+    _, seen = wired_run
+    empty = total = 0
+    for record in seen["dpo"]:
+        blank = record["encode"]([""])["encoder_hidden_states"]                  # (1, L, D)
+        for step in record["steps"]:
+            theta, ref = step["calls"]
+            for name in ("x0", "noise", "t"):
+                assert torch.equal(theta[name], ref[name]), name
+            assert torch.equal(theta["cond"]["encoder_hidden_states"],
+                               ref["cond"]["encoder_hidden_states"])
+            b = len(step["batch"])
+            for name in ("noise", "t"):
+                assert torch.equal(theta[name][:b], theta[name][b:]), name
+            assert not torch.equal(theta["x0"][:b], theta["x0"][b:])
+            hidden = theta["cond"]["encoder_hidden_states"]                       # (2B, L, D)
+            assert torch.equal(hidden[:b], hidden[b:])
+            own = record["encode"]([p["prompt"] for p in step["batch"]])["encoder_hidden_states"]
+            for row, prompt_row in zip(hidden[:b], own):
+                dropped = torch.allclose(row, blank[0], atol=1e-5)
+                assert dropped or torch.allclose(row, prompt_row, atol=1e-5)
+                empty, total = empty + dropped, total + 1
+    assert 0 < empty < 0.4 * total  # 20% expected: 27 of 144 drawn with this seed
+
+
+def test_every_dpo_update_uses_a_fresh_gradient_clipped_to_norm_1(wired_run):
+    _, seen = wired_run
+    for record in seen["dpo"]:
+        assert not any(step["stale_grads"] for step in record["steps"])  # zeroed after each step
+        norms = record["grad_norms"]
+        assert len(norms) == 3 and max(norms) <= 1 + 1e-4
+        assert any(n == pytest.approx(1, abs=1e-3) for n in norms)  # the clip was needed: beta 5000
+
+
+def test_every_stage_is_evaluated_on_the_same_noise(wired_run):
+    _, seen = wired_run
+    assert [r["stage"] for r in seen["evaluate"]] == WIRED_STAGES
+    first = seen["evaluate"][0]["generated"]
+    for record in seen["evaluate"][1:]:
+        assert record["generated"]["prompts"] == first["prompts"]
+        assert all(torch.equal(a, b) for a, b in zip(record["generated"]["states"], first["states"]))
+        assert len(record["generated"]["states"]) == len(first["states"])
+
+
+def test_a_resume_after_two_finished_stages_continues_from_the_last(wired_run, tmp_path):
+    """iter_0 and iter_1 finished, iter_2 lost: the resumed run redoes iter_2 from iter_1's model
+    and ends with the very model and metrics of the uninterrupted run."""
+    out, _ = wired_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    shutil.rmtree(run / "iter_2")
+    for path in (run / "checkpoints").glob("iter_2-*"):
+        path.unlink()
+    assert sail.main(["--resume", str(run)]) == 0
+    assert records(run) == records(out)
+    ours, theirs = saved_unet(run, "iter_2").state_dict(), saved_unet(out, "iter_2").state_dict()
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)

@@ -1,0 +1,241 @@
+"""Mutation check of test_sail.py: does the suite notice one-line bugs in how sail.py is wired?
+
+Each mutant changes ONE line of sail.py: `original` must occur exactly once in sail.py (a stale
+mutant, whose line moved or changed, fails loudly instead of silently testing nothing). For each
+mutant the repository is copied to a temporary folder, the line is changed there, and
+`python -m pytest -x -q -p no:cacheprovider test_sail.py` runs on the copy; a failing (or erroring,
+or hanging) suite has caught the mutant. The tests of the wiring block at the end of test_sail.py
+run first, so a caught mutant usually costs ~40 s instead of a whole suite (the verdict is the
+same: the whole suite still runs when nothing fails).
+
+    python mutants.py                         # every mutant, one after another (~20-40 min)
+    python mutants.py --only ref-not-refreshed --only eval-noise-per-stage
+    python mutants.py --list                  # names and the lines they change
+    python mutants.py -k "wired or ranked"    # passed on to pytest: a subset of the tests
+    python mutants.py --baseline              # first run the unmutated suite; tests that fail
+                                              # there are left out of every mutant's verdict
+    python mutants.py --deselect test_sail.py::test_x   # leave a known-failing test out
+"""
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BANNER = "# Wiring: what each step of a whole run is given"
+
+# (name, the text of sail.py that changes -- unique --, what it becomes). Issue 18's classes first.
+MUTANTS = [
+    # 1. the DPO reference of an iteration is not the model the iteration started from
+    ("ref-not-refreshed", "ref_unet = frozen_copy(pipe.unet, args.precision)",
+     "ref_unet = base_unet.to(pipe.device)"),
+    # 2. --reward-ref prev takes the wrong stage (the current model: every prompt ties)
+    ("reward-ref-prev-wrong-stage", 'saved_unet(f"iter_{i - 2}")', 'saved_unet(f"iter_{i - 1}")'),
+    ("reward-ref-prev-never-used", 'args.reward_ref == "base" or i < 2',
+     'args.reward_ref == "base" or i < 3'),
+    ("reward-ref-meanings-swapped", 'args.reward_ref == "base" or i < 2',
+     'args.reward_ref == "prev" or i < 2'),
+    # 3. every iteration reuses the same prompts / takes the wrong slice
+    ("same-prompts-every-iteration", "new_prompts = prompts[first:i * per_iter]",
+     "new_prompts = prompts[0:per_iter]"),
+    ("prompt-slice-shifted", "first = (i - 1) * per_iter", "first = i * per_iter"),
+    # 4. candidates drawn, or judged, by another model than the current one
+    ("candidates-drawn-by-judge-ref", "latents = generate(pipe, prompts, n, args, generators)",
+     "latents = generate(StableDiffusionPipeline(**{**pipe.components, 'unet': judge_ref}), "
+     "prompts, n, args, generators)"),
+    ("eq8-theta-and-ref-swapped", "rewards = implicit_reward(pipe.unet, judge_ref, candidates,",
+     "rewards = implicit_reward(judge_ref, pipe.unet, candidates,"),
+    ("candidates-sampled-with-ddpm", "    set_sampler(pipe, args)", "    pass"),
+    # 5. winner and loser conditioned differently (empty-prompt dropout on the winners only)
+    ("one-sided-cfg-dropout", "cond = map_cond(lambda v: torch.cat([v, v]),",
+     "cond = map_cond(lambda v: torch.cat([v, encode_text(pipe, [p['prompt'] for p in "
+     "batch[part]], args.resolution)['encoder_hidden_states']]),"),
+    ("cfg-dropout-ignored",
+     'prompts = ["" if drop else pair["prompt"] for drop, pair in zip(dropped, batch)]',
+     'prompts = [pair["prompt"] for pair in batch]'),
+    # 6. winner and loser share their VAE posterior noise
+    ("shared-posterior-noise", "posterior_noise[:, part].flatten(0, 1))",
+     "posterior_noise[0, part].repeat(2, 1, 1, 1))"),
+    # 7. pairs.json or the saved pair images say the opposite of what Eq. 8 ranked / what trains
+    ("pair-pngs-swapped", "for image, name in zip(images, names):",
+     "for image, name in zip(images.flip(0), names):"),
+    ("pair-images-swapped-vs-rewards", "decode_latents(pipe.vae, candidates[list(chosen)])",
+     "decode_latents(pipe.vae, candidates[list(chosen)[::-1]])"),
+    ("pairs-json-rewards-swapped", '"reward_chosen": r_w, "reward_rejected": r_l,',
+     '"reward_chosen": r_l, "reward_rejected": r_w,'),
+    ("pairs-json-flipped", 'run.write_json(folder / "pairs.json", [',
+     'run.write_json(folder / "pairs.json", [{**q, "chosen": q["rejected"], '
+     '"rejected": q["chosen"]} for q in self_pairs] or ['),
+    ("confidence-inverted", "preference_probability(r_w, r_l).item()))",
+     "preference_probability(r_l, r_w).item()))"),
+    ("pair-prompts-rotated", "zip(prompts[start:done], run.gather(found))",
+     "zip(prompts[start + 1:done] + prompts[start:start + 1], run.gather(found))"),
+    # 8. the evaluation noise differs from stage to stage
+    ("eval-noise-per-stage", 'seeded(args.seed, "evaluation", i)',
+     'seeded(args.seed, "evaluation", folder.name, i)'),
+    # 9. gradient clipping is gone; gradients never zeroed
+    ("no-gradient-clipping", "torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)", "pass"),
+    ("gradients-never-zeroed", "optimizer.zero_grad(set_to_none=True)", "pass"),
+    # 10. the reference errors come from the trained UNet (every logit 0, loss stuck at ln 2)
+    ("ref-errors-from-theta", "err_ref = denoising_error(ref_unet, scheduler, x0, *shared, cond)",
+     "err_ref = denoising_error(model, scheduler, x0, *shared, cond)"),
+    ("optimizer-on-the-reference", "optimizer = make_optimizer(unet.parameters(), args)",
+     "optimizer = make_optimizer(ref_unet.parameters(), args)"),
+    ("ref-errors-winner-loser-swapped", "*err_theta.chunk(2), *err_ref.chunk(2), args.beta)",
+     "*err_theta.chunk(2), *err_ref.chunk(2)[::-1], args.beta)"),
+    # 11. seed-pair latents lose the VAE scaling factor
+    ("latents-unscaled", "return x0 * vae.config.scaling_factor", "return x0"),
+    # 12. winners and losers stacked pair by pair while the loss splits the batch into halves
+    ("pairs-stacked-pair-by-pair",
+     '("chosen", "rejected") for pair in batch[part]])  # (2b, 3, R, R)',
+     '("chosen", "rejected") for pair in batch[part]]).view(2, -1, 3, args.resolution, '
+     'args.resolution).transpose(0, 1).flatten(0, 1)'),
+    # 13. a prompt's candidates judged under another prompt's conditioning, or another's candidates
+    ("judged-under-first-prompt", "map_cond(lambda v: v[p:p + 1], cond), scheduler,",
+     "map_cond(lambda v: v[0:1], cond), scheduler,"),
+    ("candidates-of-overlapping-prompts", "candidates = latents[p * n:(p + 1) * n]",
+     "candidates = latents[p:p + n]"),
+    # 14. ranked mixup orders by the winner's reward instead of the margin
+    ("mixup-ranks-by-winner-reward",
+     'key=lambda p: p["reward_chosen"] - p["reward_rejected"],', 'key=lambda p: p["reward_chosen"],'),
+    # 15. a resumed run continues from the first finished stage's model instead of the last
+    ("resume-from-first-finished", "saved_unet(finished[-1])", "saved_unet(finished[0])"),
+    # other wiring: the iteration trains on seed pairs only (self-labelling has no effect)
+    ("iteration-trains-on-seed-pairs", "diffusion_dpo(pipe, ref_unet, mixed, args, stage, run)",
+     "diffusion_dpo(pipe, ref_unet, seed_pairs, args, stage, run)"),
+    ("k-draws-ignored", "args.beta, args.k_draws, generator, args.reward_batch)",
+     "args.beta, 1, generator, args.reward_batch)"),
+    ("every-stage-saves-the-base", 'pipe.unet.save_pretrained(folder / "unet")',
+     'base_unet.save_pretrained(folder / "unet")'),
+    ("checkpoint-loaded-into-the-reference", 'unet.load_state_dict(checkpoint["unet"])',
+     'ref_unet.load_state_dict(checkpoint["unet"])'),
+    # expected to survive: with one micro-batch per step, clip + AdamW are blind to a loss scale
+    ("micro-batch-loss-not-averaged", "scaler.scale(loss / len(mine)).backward()",
+     "scaler.scale(loss).backward()"),
+]
+
+
+def apply(source, original, replacement, name):
+    """sail.py's text with the one change; refuses anything but exactly one occurrence."""
+    count = source.count(original)
+    if count != 1:
+        raise SystemExit(f"mutant {name}: {original!r} occurs {count} times in sail.py (must be "
+                         "exactly once): re-anchor it")
+    if "\n" in original or "\n" in replacement:
+        raise SystemExit(f"mutant {name}: a mutant changes one line")
+    return source.replace(original, replacement)
+
+
+def copy_repository(into, source=HERE):
+    shutil.copytree(source, into, ignore=shutil.ignore_patterns(
+        ".git", "__pycache__", ".pytest_cache", "runs", "results"))
+
+
+def wiring_first(folder):
+    """Node ids of test_sail.py, the wiring block's tests first, then the rest in file order."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                             "-p", "no:cacheprovider", "test_sail.py"],
+                            cwd=folder, capture_output=True, text=True, env=environment())
+    ids = [line for line in result.stdout.splitlines() if line.startswith("test_sail.py::")]
+    if not ids:
+        raise SystemExit("could not collect test_sail.py:\n" + result.stdout + result.stderr)
+    text = (folder / "test_sail.py").read_text()
+    block = text[text.index(BANNER):] if BANNER in text else ""
+    wiring = set(re.findall(r"^def (test_\w+)", block, flags=re.M))
+    name = lambda node: node.split("::")[1].split("[")[0]  # noqa: E731
+    return ([n for n in ids if name(n) in wiring] + [n for n in ids if name(n) not in wiring])
+
+
+def environment():
+    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+            "TQDM_DISABLE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def run_suite(folder, node_ids, keyword, timeout, deselect=(), stop_at_first=True):
+    """(verdict, failing tests, seconds); verdict 'missed' when every selected test passes."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    command += ["-x"] if stop_at_first else []
+    command += ["-k", keyword] if keyword else []
+    if node_ids:
+        command += [node for node in node_ids if node not in deselect]
+    else:
+        command += ["test_sail.py", *(f"--deselect={node}" for node in deselect)]
+    started = time.time()
+    try:
+        result = subprocess.run(command, cwd=folder, capture_output=True, text=True,
+                                timeout=timeout, env=environment())
+    except subprocess.TimeoutExpired:
+        return "caught (timeout)", [f"over {timeout} s"], time.time() - started
+    seconds = time.time() - started
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", result.stdout, flags=re.M)
+    if result.returncode == 0:
+        return "missed", [], seconds
+    if result.returncode == 5:  # -k selected nothing
+        return "missed", ["(no test selected)"], seconds
+    return "caught", failed or [result.stdout[-300:].strip()], seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", default=[], metavar="NAME",
+                        help="run only this mutant (repeatable)")
+    parser.add_argument("-k", dest="keyword", help="pytest -k expression: a subset of the tests")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--baseline", action="store_true",
+                        help="first run the unmutated suite; the tests failing there are left out")
+    parser.add_argument("--file-order", action="store_true",
+                        help="run the tests in file order instead of the wiring block first")
+    parser.add_argument("--deselect", action="append", default=[], metavar="NODE",
+                        help="leave this test out of every verdict (repeatable)")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per mutant")
+    args = parser.parse_args()
+    source = (HERE / "sail.py").read_text()
+    names = [name for name, _, _ in MUTANTS]
+    unknown = [name for name in args.only if name not in names]
+    if unknown:
+        raise SystemExit(f"unknown mutant(s) {', '.join(unknown)}; --list shows them")
+    chosen = [m for m in MUTANTS if not args.only or m[0] in args.only]
+    for name, original, replacement in chosen:  # every anchor checked before any work
+        apply(source, original, replacement, name)
+    if args.list:
+        for name, original, replacement in chosen:
+            print(f"{name}\n    - {original}\n    + {replacement}")
+        return 0
+    results = []
+    with tempfile.TemporaryDirectory(prefix="sail-mutants-") as scratch:
+        pristine = Path(scratch) / "pristine"
+        copy_repository(pristine)
+        node_ids = None if args.file_order else wiring_first(pristine)
+        deselect = list(args.deselect)
+        if args.baseline:  # the whole suite, not stopping at a failure
+            verdict, failed, seconds = run_suite(pristine, node_ids, args.keyword, args.timeout,
+                                                 deselect, stop_at_first=False)
+            print(f"baseline ({seconds:.0f} s): " + ("passes" if verdict == "missed" else
+                  "fails, left out of every verdict: " + " ".join(failed)), flush=True)
+            deselect += [node for node in failed if node.startswith("test_sail.py::")]
+        for name, original, replacement in chosen:
+            folder = Path(scratch) / name
+            copy_repository(folder, pristine)  # edits made while it runs do not leak in
+            (folder / "sail.py").write_text(apply(source, original, replacement, name))
+            verdict, failed, seconds = run_suite(folder, node_ids, args.keyword, args.timeout,
+                                                 deselect)
+            first = failed[0] if failed else ""
+            results.append((name, verdict, first))
+            print(f"{verdict:8} {name:36} {seconds:5.0f} s  {first}", flush=True)
+            shutil.rmtree(folder, ignore_errors=True)
+    caught = sum(verdict.startswith("caught") for _, verdict, _ in results)
+    print(f"\n{caught} of {len(results)} mutants caught")
+    missed = [name for name, verdict, _ in results if verdict == "missed"]
+    if missed:
+        print("missed: " + ", ".join(missed))
+    return 0 if not missed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -36,11 +36,12 @@ MUTANTS = [
     ("ref-not-refreshed", "ref_unet = frozen_copy(pipe.unet, args.precision)",
      "ref_unet = base_unet.to(pipe.device)"),
     # 2. --reward-ref prev takes the wrong stage (the current model: every prompt ties)
-    ("reward-ref-prev-wrong-stage", 'saved_unet(f"iter_{i - 2}")', 'saved_unet(f"iter_{i - 1}")'),
-    ("reward-ref-prev-never-used", 'args.reward_ref == "base" or i < 2',
-     'args.reward_ref == "base" or i < 3'),
-    ("reward-ref-meanings-swapped", 'args.reward_ref == "base" or i < 2',
-     'args.reward_ref == "prev" or i < 2'),
+    ("reward-ref-prev-wrong-stage", 'saved_unet(f"iter_{i - 1}"), judge_precision)',
+     'saved_unet(f"iter_{i}"), judge_precision)'),
+    ("reward-ref-prev-never-used", 'args.reward_ref == "base" or i == 0:',
+     'args.reward_ref == "base" or i < 2:'),
+    ("reward-ref-meanings-swapped", 'args.reward_ref == "base" or i == 0:',
+     'args.reward_ref == "prev" or i == 0:'),
     # 3. every iteration reuses the same prompts / takes the wrong slice
     ("same-prompts-every-iteration", "new_prompts = prompts[first:i * per_iter]",
      "new_prompts = prompts[0:per_iter]"),
@@ -60,13 +61,15 @@ MUTANTS = [
      'prompts = ["" if drop else pair["prompt"] for drop, pair in zip(dropped, batch)]',
      'prompts = [pair["prompt"] for pair in batch]'),
     # 6. winner and loser share their VAE posterior noise
-    ("shared-posterior-noise", "posterior_noise[:, part].flatten(0, 1))",
-     "posterior_noise[0, part].repeat(2, 1, 1, 1))"),
+    ("shared-posterior-noise", "posterior_noise[:, images].flatten(0, 1))",
+     "posterior_noise[0, images].repeat(2, 1, 1, 1))"),
     # 7. pairs.json or the saved pair images say the opposite of what Eq. 8 ranked / what trains
-    ("pair-pngs-swapped", "for image, name in zip(images, names):",
-     "for image, name in zip(images.flip(0), names):"),
-    ("pair-images-swapped-vs-rewards", "decode_latents(pipe.vae, candidates[list(chosen)])",
-     "decode_latents(pipe.vae, candidates[list(chosen)[::-1]])"),
+    ("pair-pngs-swapped", 'zip(("chosen", "rejected"), latents, images):',
+     'zip(("chosen", "rejected"), latents, images.flip(0)):'),
+    ("pair-latents-swapped", 'zip(("chosen", "rejected"), latents, images):',
+     'zip(("chosen", "rejected"), latents.flip(0), images):'),
+    ("pair-images-swapped-vs-rewards", "pair = candidates[list(chosen)]",
+     "pair = candidates[list(chosen)[::-1]]"),
     ("pairs-json-rewards-swapped", '"reward_chosen": r_w, "reward_rejected": r_l,',
      '"reward_chosen": r_l, "reward_rejected": r_w,'),
     ("pairs-json-flipped", 'run.write_json(folder / "pairs.json", [',
@@ -87,15 +90,13 @@ MUTANTS = [
      "err_ref = denoising_error(model, scheduler, x0, *shared, cond)"),
     ("optimizer-on-the-reference", "optimizer = make_optimizer(unet.parameters(), args)",
      "optimizer = make_optimizer(ref_unet.parameters(), args)"),
-    ("ref-errors-winner-loser-swapped", "*err_theta.chunk(2), *err_ref.chunk(2), args.beta)",
-     "*err_theta.chunk(2), *err_ref.chunk(2)[::-1], args.beta)"),
+    ("ref-errors-winner-loser-swapped", "*err_theta.chunk(2), *err_ref.chunk(2), beta)",
+     "*err_theta.chunk(2), *err_ref.chunk(2)[::-1], beta)"),
     # 11. seed-pair latents lose the VAE scaling factor
     ("latents-unscaled", "return x0 * vae.config.scaling_factor", "return x0"),
     # 12. winners and losers stacked pair by pair while the loss splits the batch into halves
-    ("pairs-stacked-pair-by-pair",
-     '("chosen", "rejected") for pair in batch[part]])  # (2b, 3, R, R)',
-     '("chosen", "rejected") for pair in batch[part]]).view(2, -1, 3, args.resolution, '
-     'args.resolution).transpose(0, 1).flatten(0, 1)'),
+    ("pairs-stacked-pair-by-pair", "return x0.flatten(0, 1).to(pipe.device)",
+     "return x0.transpose(0, 1).flatten(0, 1).to(pipe.device)"),
     # 13. a prompt's candidates judged under another prompt's conditioning, or another's candidates
     ("judged-under-first-prompt", "map_cond(lambda v: v[p:p + 1], cond), scheduler,",
      "map_cond(lambda v: v[0:1], cond), scheduler,"),
@@ -107,8 +108,8 @@ MUTANTS = [
     # 15. a resumed run continues from the first finished stage's model instead of the last
     ("resume-from-first-finished", "saved_unet(finished[-1])", "saved_unet(finished[0])"),
     # other wiring: the iteration trains on seed pairs only (self-labelling has no effect)
-    ("iteration-trains-on-seed-pairs", "diffusion_dpo(pipe, ref_unet, mixed, args, stage, run)",
-     "diffusion_dpo(pipe, ref_unet, seed_pairs, args, stage, run)"),
+    ("iteration-trains-on-seed-pairs", "diffusion_dpo(pipe, ref_unet, mixed, args, stage, run, scale)",
+     "diffusion_dpo(pipe, ref_unet, seed_pairs, args, stage, run, scale)"),
     ("k-draws-ignored", "args.beta, args.k_draws, generator, args.reward_batch)",
      "args.beta, 1, generator, args.reward_batch)"),
     ("every-stage-saves-the-base", 'pipe.unet.save_pretrained(folder / "unet")',
@@ -118,6 +119,17 @@ MUTANTS = [
     # expected to survive: with one micro-batch per step, clip + AdamW are blind to a loss scale
     ("micro-batch-loss-not-averaged", "scaler.scale(loss / len(mine)).backward()",
      "scaler.scale(loss).backward()"),
+    # the real path (issue 12): held-out data, evaluation prompts, warm-up, fp16, the judge
+    ("heldout-pairs-also-trained", "return ([pair for i, pair in enumerate(seed_pairs) if i not in held],",
+     "return (list(seed_pairs),"),
+    ("eval-prompts-also-trained", "return [p for p in prompts if p not in held], held[::-1]",
+     "return prompts, held[::-1]"),
+    ("judge-acc-against-the-current-model", "reward_reference(run.stages.index(name) - 1)",
+     "reward_reference(run.stages.index(name))"),
+    ("warmup-ignored", "lr = args.lr * min(1.0, (step + 1) / (warmup + 1))", "lr = args.lr"),
+    ("fp16-overflow-skipped-not-redone", "if scaler.get_scale() >= scale:  # the step was taken",
+     "if True:"),
+    ("fp16-scale-not-carried", '"loss_scale", 2.0 ** 16)', '"no such key", 2.0 ** 16)'),
 ]
 
 

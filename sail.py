@@ -464,6 +464,7 @@ TINY_PROMPTS = [f"a {c} {s}" for c in TINY_COLOURS for s in TINY_SHAPES]
 TINY_SEEN = [f"a {c} {s}" for c in ("red", "green", "blue") for s in ("square", "circle")]
 TINY_SIZE = 16           # pixels; the autoencoder halves it: latents are (4, 8, 8)
 TINY_SEED_PAIRS = 64     # pairs in the shipped seed_pairs.json
+TINY_HELDOUT_PAIRS = 32  # in heldout_pairs.json: judged after every stage (~1 s each, 2 cores)
 TINY_VERSION = "2"       # bump when the world or the tiny configs change: invalidates the cache
 
 
@@ -668,9 +669,11 @@ def annotator_relabel(pairs):
     A flipped pair keeps Eq. 8's rewards with their images, so its confidence becomes 1 - p.
     """
     def flipped(pair):
-        swapped = {**pair, "chosen": pair["rejected"], "rejected": pair["chosen"],
-                   "chosen_latents": pair["rejected_latents"],
-                   "rejected_latents": pair["chosen_latents"]}
+        swapped = dict(pair)
+        for end in ("", "_latents"):  # each image keeps its latents file
+            if f"chosen{end}" in pair:
+                swapped[f"chosen{end}"] = pair[f"rejected{end}"]
+                swapped[f"rejected{end}"] = pair[f"chosen{end}"]
         if "confidence" in pair:  # a self-labelled pair: its rewards follow their images
             swapped.update(reward_chosen=pair["reward_rejected"],
                            reward_rejected=pair["reward_chosen"],
@@ -685,8 +688,8 @@ def make_tiny_seed_pairs(path, seed):
 
     Like Pick-a-Pic, two images of the same prompt; the annotator picks the one it prefers, and
     near-ties (< 1 point apart) are dropped, as Diffusion-DPO drops tied human labels. The seed
-    set goes to `path`; as many more pairs, drawn next, to heldout_pairs.json beside it: never
-    trained on, they measure how often the model's own judgement agrees with the annotator.
+    set goes to `path`; the pairs drawn next to heldout_pairs.json beside it: never trained on,
+    they measure how often the model's own judgement agrees with the annotator.
     """
     path = Path(path)
     heldout, image_dir = path.parent / "heldout_pairs.json", path.parent / "seed_images"
@@ -695,9 +698,10 @@ def make_tiny_seed_pairs(path, seed):
                          "regenerate")
     image_dir.mkdir(parents=True)
     generator = torch.Generator().manual_seed(seed)
-    for file, prefix in ((path, ""), (heldout, "heldout_")):
+    for file, prefix, count in ((path, "", TINY_SEED_PAIRS),
+                                (heldout, "heldout_", TINY_HELDOUT_PAIRS)):
         pairs = []
-        while len(pairs) < TINY_SEED_PAIRS:
+        while len(pairs) < count:
             prompt = TINY_SEEN[len(pairs) % len(TINY_SEEN)]
             images = draw_tiny_images([prompt, prompt], generator)              # (2, 3, 16, 16)
             score = annotator_score(images, [prompt, prompt])

@@ -819,8 +819,9 @@ def tiny_reward_precision(run, device, prompts=sail.TINY_PROMPTS):
     found = {judge: dict(equal=[], real=[], changed=0, error=0.0) for judge in judges}
     for j, prompt in enumerate(prompts):
         pipe.unet = theta  # candidates from the step-0 model, as iteration 1 draws them
+        # seed keys "c" (candidate) and "r" (reward): those of the README's measurement
         latents = sail.generate(pipe, [prompt], args.n_candidates, args,
-                                [sail.seeded(0, "candidate", j, c) for c in range(args.n_candidates)])
+                                [sail.seeded(0, "c", j, c) for c in range(args.n_candidates)])
         cond = sail.encode_text(pipe, [prompt], args.resolution)
         rewards = {}
         for judge in judges:
@@ -829,7 +830,7 @@ def tiny_reward_precision(run, device, prompts=sail.TINY_PROMPTS):
                 with sail.autocast(device, judge):
                     rewards[judge, name] = sail.implicit_reward(
                         model, ref, latents, cond, scheduler, args.beta, args.k_draws,
-                        sail.seeded(0, "reward", j), args.reward_batch)          # (N,)
+                        sail.seeded(0, "r", j), args.reward_batch)               # (N,)
         truth = rewards["fp32", "real"]
         for judge in judges:
             equal, r = rewards[judge, "equal"], rewards[judge, "real"]

@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import copy
 import csv
-import functools
 import gc
 import json
 import math

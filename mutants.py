@@ -36,8 +36,8 @@ MUTANTS = [
     ("ref-not-refreshed", "ref_unet = frozen_copy(pipe.unet, args.precision)",
      "ref_unet = base_unet.to(pipe.device)"),
     # 2. --reward-ref prev takes the wrong stage (the current model: every prompt ties)
-    ("reward-ref-prev-wrong-stage", 'saved_unet(f"iter_{i - 1}"), judge_precision)',
-     'saved_unet(f"iter_{i}"), judge_precision)'),
+    ("reward-ref-prev-wrong-stage", 'saved_unet(f"iter_{i - 1}"), args.reward_precision)',
+     'saved_unet(f"iter_{i}"), args.reward_precision)'),
     ("reward-ref-prev-never-used", 'args.reward_ref == "base" or i == 0:',
      'args.reward_ref == "base" or i < 2:'),
     ("reward-ref-meanings-swapped", 'args.reward_ref == "base" or i == 0:',

@@ -1244,6 +1244,12 @@ def dpo_step_data(pairs, step, args, stage, latent_shape, timesteps):
     return batch, prompts, t, noise, posterior_noise
 
 
+def latent_shape_of(pipe, resolution):
+    """(C, h, w) of the UNet's latents at `resolution` pixels."""
+    side = resolution // pipe.vae_scale_factor
+    return (pipe.unet.config.in_channels, side, side)
+
+
 def training_latents(pipe, batch, posterior_noise, resolution):
     """x_0 of a micro-batch's winners then losers: (2b, C, h, w).
 
@@ -1328,8 +1334,7 @@ def diffusion_dpo(pipe, ref_unet, pairs, args, stage, run, loss_scale=2.0 ** 16)
     # the official 500 warm-up steps are a quarter of its 2000: a shorter stage warms up over
     # a quarter of its own steps (our choice; SAIL's stages are 300-600 steps at the paper's size)
     warmup = min(args.warmup_steps, steps // 4)
-    latent_shape = (unet.config.in_channels, args.resolution // pipe.vae_scale_factor,
-                    args.resolution // pipe.vae_scale_factor)                    # (C, h, w)
+    latent_shape = latent_shape_of(pipe, args.resolution)                       # (C, h, w)
     optimizer = make_optimizer(unet.parameters(), args)
     scaler = torch.amp.GradScaler(pipe.device.type, init_scale=loss_scale,
                                   enabled=args.precision == "fp16")  # fp16 gradients underflow
@@ -1442,8 +1447,7 @@ def judge_agreement(pipe, judge_ref, heldout, args):
     turns a score s into 1 - s. Its fall is the alarm for self-labelling collapse.
     """
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    latent_shape = (pipe.unet.config.in_channels, args.resolution // pipe.vae_scale_factor,
-                    args.resolution // pipe.vae_scale_factor)                    # (C, h, w)
+    latent_shape = latent_shape_of(pipe, args.resolution)                       # (C, h, w)
     per_call = max(1, args.reward_batch // (2 * args.k_draws))  # pairs per batch of UNet calls
     scores = []
     for start in range(0, len(heldout), per_call):
@@ -1472,10 +1476,9 @@ def sail(args, pipe, data, run):
     seed_pairs, prompts = data["seed_pairs"], data["prompts"]
     # eps_base, frozen, on the CPU until needed: step 0's DPO reference in --precision, and
     # Eq. 8's reference in --reward-precision (one copy where the two are the same)
-    judge_precision = args.reward_precision
     base_unet = frozen_copy(pipe.unet, args.precision).to("cpu")
-    judge_base = (base_unet if judge_precision == args.precision
-                  else frozen_copy(pipe.unet, judge_precision).to("cpu"))
+    judge_base = (base_unet if args.reward_precision == args.precision
+                  else frozen_copy(pipe.unet, args.reward_precision).to("cpu"))
 
     def saved_unet(stage):  # a finished stage's model, fp32 as saved
         return UNet2DConditionModel.from_pretrained(run.out / stage / "unet")
@@ -1483,7 +1486,7 @@ def sail(args, pipe, data, run):
     def reward_reference(i):  # Eq. 8's reference when eps^i judges (SPEC 2c)
         if args.reward_ref == "base" or i == 0:  # "prev": the model round i started from
             return judge_base
-        return frozen_copy(saved_unet(f"iter_{i - 1}"), judge_precision)
+        return frozen_copy(saved_unet(f"iter_{i - 1}"), args.reward_precision)
 
     def finish_stage(name, started, summary):
         if run.main:

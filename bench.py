@@ -45,9 +45,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is built here: a loo
 import diffusers.optimization  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from transformers import CLIPTextModelWithProjection  # noqa: E402
+from diffusers import (AutoencoderKL, StableDiffusionPipeline,  # noqa: E402
+                       UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
+import plumbing  # noqa: E402
 import sail  # noqa: E402
+import tiny_world  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,7 +190,7 @@ class Bench:
 
 def clip_text_config(tokenizer, **sizes):
     """CLIP ViT-L/14's text encoder (SD 1.5's, SDXL's first), `sizes` overriding its config."""
-    return sail.CLIPTextConfig(**{
+    return CLIPTextConfig(**{
         **dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                num_attention_heads=12, max_position_embeddings=77,
                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -195,7 +199,7 @@ def clip_text_config(tokenizer, **sizes):
 
 def sd_vae(scaling_factor=0.18215):
     """SD's VAE (SDXL's has the same shape and another scaling factor)."""
-    return sail.AutoencoderKL(
+    return AutoencoderKL(
         block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
         sample_size=512, scaling_factor=scaling_factor)
@@ -209,11 +213,11 @@ def sd_scheduler():
 def sd15_shaped_pipeline(folder):
     """Stable Diffusion 1.5's architecture (UNet 860M, CLIP ViT-L/14 text encoder, VAE) with random
     weights, from configs: timings and memory at real scale need no downloaded weights."""
-    tokenizer = sail.tiny_tokenizer(folder)  # a few ids of the vocabulary: cost does not depend on them
+    tokenizer = tiny_world.tokenizer(folder)  # a few ids of the vocabulary: cost does not depend on them
     tokenizer.model_max_length = 77
-    unet = sail.UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # SD 1.x blocks
-    return sail.StableDiffusionPipeline(
-        vae=sd_vae(), text_encoder=sail.CLIPTextModel(clip_text_config(tokenizer)),
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # SD 1.x blocks
+    return StableDiffusionPipeline(
+        vae=sd_vae(), text_encoder=CLIPTextModel(clip_text_config(tokenizer)),
         tokenizer=tokenizer, unet=unet, scheduler=sd_scheduler(), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
 
@@ -282,11 +286,11 @@ def memory(device, pairs, resolution, out):
     state, the frozen reference UNet, VAE and text encoder in --precision, activations of a
     micro-batch of `pairs` pairs. Fresh models for every option.
     """
-    seed_pairs = sail.read_seed_pairs(Path(__file__).parent / "seed_pairs.json")
+    seed_pairs = plumbing.read_seed_pairs(Path(__file__).parent / "seed_pairs.json")
     rows = []
     for precision, checkpointing, optimizer in MEMORY_OPTIONS:
         with tempfile.TemporaryDirectory() as scratch:
-            pipe = sail.prepare_pipeline(sd15_shaped_pipeline(Path(scratch)), device)
+            pipe = plumbing.prepare_pipeline(sd15_shaped_pipeline(Path(scratch)), device)
             args = sail.Args(resolution=resolution, precision=precision, optimizer=optimizer,
                              gradient_checkpointing=checkpointing, effective_batch=pairs,
                              micro_batch=pairs, dpo_steps=1, lr=1e-6, checkpoint_every=2)
@@ -497,7 +501,7 @@ class StageTimer:
             return diffusion_dpo(*args, **kwargs)
         return dict(
             make_optimizer=lambda params, args: count_steps(make_optimizer(params, args), taken),
-            load_pipeline=self.wrap(sail.load_pipeline, "load model"),
+            load_pipeline=self.wrap(plumbing.load_pipeline, "load model"),
             evaluate=self.wrap(sail.evaluate, "evaluation (sample, grid)"),
             judge_candidates=self.wrap(sail.judge_candidates,
                                        "self-labelling (generate, rank, decode pair)"),
@@ -555,12 +559,12 @@ def whole_runs(figures, model, seed_pairs_file, scratch, precision):
             "--guidance-scale", str(sizes["guidance_scale"]),
             "--effective-batch", str(sizes["effective_batch"]),
             "--micro-batch", str(sizes["micro_batch"]), "--dpo-steps", str(sizes["dpo_steps"]),
-            "--keep-checkpoints", "1", "--out", str(out)]
+            "--eval-seeds", str(sizes["eval_seeds"]), "--keep-checkpoints", "1", "--out", str(out)]
     print("part 1: python sail.py " + " ".join(argv), flush=True)
     timer = StageTimer(figures, precision)
     whole = timer.wrap(sail.main, "whole run (sail.main)")
     try:
-        with patched(sail, EVAL_SEEDS=sizes["eval_seeds"], EVAL_PROMPTS=1, **timer.wrappers()):
+        with patched(sail, **timer.wrappers()), patched(plumbing, EVAL_PROMPTS=1):
             code = whole(argv)
         if code != 0:
             raise RuntimeError(f"sail.main returned {code}")
@@ -623,7 +627,7 @@ def official_versus_sail(figures, model, seed_pairs, scratch, repeats):
     device, sizes = figures.device, figures.sizes
     pairs = (seed_pairs * sizes["dpo_pairs"])[:sizes["dpo_pairs"]]
     resolution, batch = sizes["resolution"], len(pairs)
-    pipe = sail.load_pipeline(str(model), device)
+    pipe = plumbing.load_pipeline(str(model), device)
     unet = pipe.unet
     args = sail.Args(resolution=resolution, effective_batch=batch, micro_batch=batch,
                      dpo_steps=1, lr=1e-8 * 128, checkpoint_every=2)
@@ -731,7 +735,7 @@ def reward_spread(figures, model, seed_pairs, scratch):
     anyway). Rows: --reward-precision fp32, fp16 and bf16 (each reference stored in it)."""
     device, sizes = figures.device, figures.sizes
     n, k, resolution = sizes["n_candidates"], sizes["k_draws"], sizes["resolution"]
-    pipe = sail.load_pipeline(str(model), device)
+    pipe = plumbing.load_pipeline(str(model), device)
     unet, scheduler = pipe.unet, sail.DDPMScheduler.from_config(pipe.scheduler.config)
     prompts = FIGURE_PROMPTS[:sizes["spread_prompts"]]
     # (run precision, judge precision, row name)
@@ -764,7 +768,7 @@ def reward_spread(figures, model, seed_pairs, scratch):
     # the ~300 steps of one paper-sized stage)
     for scale in (1, 150):
         unet.load_state_dict(original)
-        train_args = sail.Args(resolution=resolution, precision=sail.default_precision(),
+        train_args = sail.Args(resolution=resolution, precision=plumbing.default_precision(),
                                effective_batch=sizes["effective_batch"],
                                micro_batch=sizes["micro_batch"],
                                dpo_steps=sizes["spread_dpo_steps"], lr=1e-8 * 128 * scale,
@@ -803,16 +807,16 @@ def reward_spread(figures, model, seed_pairs, scratch):
     free_memory(device)
 
 
-def tiny_reward_precision(run, device, prompts=sail.TINY_PROMPTS):
+def tiny_reward_precision(run, device, prompts=tiny_world.PROMPTS):
     """Eq. 8 in fp32, fp16 and bf16 on a finished tiny run: theta = its step-0 model, the judge's
     reference = its base (as iteration 1 judges). Per judge: the spread of the N rewards at
     theta == ref (base against itself: rounding alone) and with the real theta, the largest
     error against the fp32 judge, and how many prompts' best-worst pair it changes."""
     args = sail.parse_args(["--tiny"])
-    pipe = sail.load_pipeline(str(run / "tiny_base"), device)
+    pipe = plumbing.load_pipeline(str(run / "tiny_base"), device)
     sail.set_sampler(pipe, args)
     base = pipe.unet
-    theta = sail.UNet2DConditionModel.from_pretrained(run / "iter_0" / "unet").to(device)
+    theta = UNet2DConditionModel.from_pretrained(run / "iter_0" / "unet").to(device)
     scheduler = sail.DDPMScheduler.from_config(pipe.scheduler.config)
     judges = ("fp32", "fp16", "bf16")
     found = {judge: dict(equal=[], real=[], changed=0, error=0.0) for judge in judges}
@@ -853,11 +857,11 @@ def sdxl_shaped_pipeline(folder, toy):
     encoders of SDXL's sizes (CLIP ViT-L and OpenCLIP bigG: hidden 768 and 1280, pooled 1280)
     under the word-level tokenizer: the conditioning has SDXL's shapes and cost."""
     if toy:
-        base = sail.build_tiny_pipeline(folder)
+        base = tiny_world.build_pipeline(folder)
         text_config = base.text_encoder.config.to_dict()
         text_encoder_2 = CLIPTextModelWithProjection(
-            sail.CLIPTextConfig(**{**text_config, "projection_dim": 32}))
-        unet = sail.UNet2DConditionModel(
+            CLIPTextConfig(**{**text_config, "projection_dim": 32}))
+        unet = UNet2DConditionModel(
             sample_size=8, layers_per_block=1, block_out_channels=(32, 64),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
@@ -868,12 +872,12 @@ def sdxl_shaped_pipeline(folder, toy):
             vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=text_encoder_2,
             tokenizer=base.tokenizer, tokenizer_2=base.tokenizer, unet=unet,
             scheduler=base.scheduler)
-    tokenizer = sail.tiny_tokenizer(folder)
+    tokenizer = tiny_world.tokenizer(folder)
     tokenizer.model_max_length = 77
     text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(  # OpenCLIP bigG's sizes
         tokenizer, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
         num_attention_heads=20, projection_dim=1280, hidden_act="gelu"))
-    unet = sail.UNet2DConditionModel(
+    unet = UNet2DConditionModel(
         sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
@@ -882,7 +886,7 @@ def sdxl_shaped_pipeline(folder, toy):
         addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
     return sail.StableDiffusionXLPipeline(
         vae=sd_vae(scaling_factor=0.13025),
-        text_encoder=sail.CLIPTextModel(clip_text_config(tokenizer)), text_encoder_2=text_encoder_2,
+        text_encoder=CLIPTextModel(clip_text_config(tokenizer)), text_encoder_2=text_encoder_2,
         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=sd_scheduler())
 
 
@@ -897,14 +901,14 @@ def sdxl_step(figures, scratch, repeats):
     with torch.device(device):  # built where it runs: no 10 GB copy from the CPU
         pipe = sdxl_shaped_pipeline(scratch / "sdxl-tokenizer", figures.toy)
     pipe.scheduler = sail.DDPMScheduler.from_config(pipe.scheduler.config)  # its tensors on the CPU
-    pipe = sail.prepare_pipeline(pipe, device)
+    pipe = plumbing.prepare_pipeline(pipe, device)
     precision = "bf16"
     sail.cast_frozen_models(pipe, precision)
     ref_unet = sail.frozen_copy(pipe.unet, precision)
     parameters = sum(p.numel() for p in pipe.unet.parameters())
     print(f"part 4: SDXL-shaped pipeline built in {time.perf_counter() - started:.1f} s; UNet "
           f"{parameters / 1e9:.3g}B parameters", flush=True)
-    pairs = sail.read_seed_pairs(write_random_pairs(
+    pairs = plumbing.read_seed_pairs(write_random_pairs(
         scratch / "sdxl-pairs", sizes["sdxl_pairs"], resolution, FIGURE_PROMPTS))
     args = sail.Args(**{**sail.SDXL_PRESET, "resolution": resolution}, precision=precision,
                      effective_batch=len(pairs), micro_batch=len(pairs), dpo_steps=1,
@@ -1073,7 +1077,7 @@ def gpu_figures(device, out, options):
         model = scratch / "sd15-shaped"
         (scratch / "tokenizer").mkdir()
         if options.toy:
-            sail.build_tiny_pipeline(scratch / "tokenizer").save_pretrained(model)
+            tiny_world.build_pipeline(scratch / "tokenizer").save_pretrained(model)
         else:
             with torch.device(device):  # random init on the GPU: seconds, not a minute of CPU
                 pipe = sd15_shaped_pipeline(scratch / "tokenizer")
@@ -1082,7 +1086,7 @@ def gpu_figures(device, out, options):
             free_memory(device)
         seed_pairs_file = write_random_pairs(scratch / "seed", sizes["seed_pairs"],
                                              sizes["resolution"], FIGURE_PROMPTS)
-        seed_pairs = sail.read_seed_pairs(seed_pairs_file)
+        seed_pairs = plumbing.read_seed_pairs(seed_pairs_file)
         figures.add(part=0, measure="build and save the SD 1.5-shaped pipeline, write seed pairs",
                     seconds=time.perf_counter() - started)
         first = [p for p in figures.precisions if p != "fp32"]
@@ -1158,8 +1162,6 @@ def main(argv=None):
     parser.add_argument("--out", default=f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}",
                         help="output folder; must not exist (default: runs/bench-<time>)")
     parser.add_argument("--quick", action="store_true", help="the smallest size, for tests")
-    parser.add_argument("--pretrain-steps", type=int, default=sail.Args.pretrain_steps,
-                        help="tiny base pretraining steps (cached)")
     parser.add_argument("--sd15-shaped", action="store_true",
                         help="Stable Diffusion 1.5's architecture with random weights (for a GPU)")
     parser.add_argument("--resolution", type=int, default=512,
@@ -1207,20 +1209,20 @@ def main(argv=None):
         memory(device, options.pairs, options.resolution, out)
         return 0
     if options.sd15_shaped:  # SD 1.5's own settings: N = 8, K = 10, DDPM 50 steps, 128 pairs
-        args = sail.Args(resolution=options.resolution, precision=sail.default_precision())
+        args = sail.Args(resolution=options.resolution, precision=plumbing.default_precision())
         args.lr = 1e-8 * args.effective_batch
         with tempfile.TemporaryDirectory() as scratch:
-            pipe = sail.prepare_pipeline(sd15_shaped_pipeline(Path(scratch)), device)
+            pipe = plumbing.prepare_pipeline(sd15_shaped_pipeline(Path(scratch)), device)
         latent = options.resolution // 8
         latent_sizes = (latent, latent // 2)  # the native size first: --quick measures only it
     else:
         args = sail.Args(tiny=True, precision="fp32", **sail.TINY_PRESET)
-        pipe = sail.load_pipeline(sail.tiny_base_model(options.pretrain_steps), device)
+        pipe = plumbing.load_pipeline(str(tiny_world.BASE), device)
         latent_sizes = (8, 16, 32)
     sail.set_sampler(pipe, args)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:  # the DPO stage's metrics.jsonl
-        bench = Bench(pipe, args, sail.read_seed_pairs(Path(__file__).parent / "seed_pairs.json"),
+        bench = Bench(pipe, args, plumbing.read_seed_pairs(Path(__file__).parent / "seed_pairs.json"),
                       Path(scratch))
         run(bench, options.quick, rows, latent_sizes)
     out.mkdir(parents=True)

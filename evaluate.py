@@ -35,8 +35,11 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
+from diffusers import UNet2DConditionModel  # noqa: E402
 
+import plumbing  # noqa: E402
 import sail  # noqa: E402
+import tiny_world  # noqa: E402
 
 METRICS = ("annotator", "pickscore", "aesthetic")
 
@@ -64,7 +67,7 @@ class ClipScorer:
 
     def image_embedding(self, images):
         """images (B, 3, H, W) in [0, 1] -> (B, D) CLIP image embeddings of norm 1."""
-        pixels = self.processor(images=[sail.to_pil(image) for image in images],
+        pixels = self.processor(images=[plumbing.to_pil(image) for image in images],
                                 return_tensors="pt").to(self.device)
         return self.unit(self.features(self.model.get_image_features(**pixels)))
 
@@ -159,9 +162,9 @@ def parse(argv):
     if options.seeds < 1:
         raise sail.InputError("--seeds must be >= 1")
     if options.prompts:
-        prompts = sail.read_prompts(options.prompts)
+        prompts = plumbing.read_prompts(options.prompts)
     elif args.tiny:
-        prompts = sail.TINY_PROMPTS
+        prompts = tiny_world.PROMPTS
     else:
         raise sail.InputError("--prompts is required for a real model")
     out = Path(options.out or run / f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -177,11 +180,11 @@ def score_stage(pipe, args, prompts, seeds, metrics, scorers):
     per_image = [p for p in prompts for _ in range(seeds)]
     scores = {}
     if "annotator" in metrics:
-        annotator = sail.annotator_score(images.cpu(), per_image)
-        seen = torch.tensor([p in sail.TINY_SEEN for p in per_image])
+        annotator = tiny_world.annotator_score(images.cpu(), per_image)
+        seen = torch.tensor([p in tiny_world.SEEN for p in per_image])
         scores.update({"annotator": annotator, "annotator/seen": annotator[seen],
                        "annotator/unseen": annotator[~seen],
-                       "fidelity": sail.fidelity(images.cpu(), per_image).float()})
+                       "fidelity": tiny_world.fidelity(images.cpu(), per_image).float()})
     for name in ("pickscore", "aesthetic"):
         if name in metrics:
             scores[name] = scorers[name](images, per_image).cpu()
@@ -207,7 +210,7 @@ def main(argv=None):
     base_unet = pipe.unet
     rows = []
     for stage in stages:
-        pipe.unet = base_unet if stage == "base" else sail.UNet2DConditionModel.from_pretrained(
+        pipe.unet = base_unet if stage == "base" else UNet2DConditionModel.from_pretrained(
             Path(options.run) / stage / "unet").to(device)
         scores = score_stage(pipe, args, prompts, options.seeds, metrics, scorers)
         row = {"model": stage, "prompts": len(prompts), "images": len(prompts) * options.seeds}

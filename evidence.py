@@ -66,7 +66,7 @@ def condition_flags(iters, dpo_steps, extra=()):
 CONDITIONS = condition_flags(4, sail.TINY_PRESET["dpo_steps"])  # SAIL: 4 iterations
 # The quick size: every condition and every line of the study, at toy cost.
 QUICK_CONDITIONS = condition_flags(1, 2, ["--n-candidates", "2", "--k-draws", "1",
-                                          "--prompts-per-iter", "2"])
+                                          "--prompts-per-iter", "2", "--eval-seeds", "1"])
 CLAIMS = [  # (claim, control, expected sign of SAIL minus control), paired by seed
     ("SAIL improves on the base model", "base", +1),
     ("SAIL beats single-round seed-only DPO with the same steps", "single-round-seed-dpo", +1),
@@ -88,8 +88,6 @@ def parse(argv):
     parser.add_argument("--conditions", default=",".join(CONDITIONS),
                         help="comma-separated subset of: " + ", ".join(CONDITIONS))
     parser.add_argument("--quick", action="store_true", help="toy size, for the test suite")
-    parser.add_argument("--pretrain-steps", type=int, default=sail.Args.pretrain_steps,
-                        help="tiny base pretraining steps (cached), passed to sail.py")
     args = parser.parse_args(argv)
     args.conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
     unknown = [c for c in args.conditions if c not in CONDITIONS]
@@ -109,8 +107,7 @@ def run_condition(name, seed, args, runs):
     out = runs / f"{name}-seed{seed}"
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        code = sail.main(["--tiny", "--seed", str(seed), "--out", str(out), "--pretrain-steps",
-                          str(args.pretrain_steps), *flags])
+        code = sail.main(["--tiny", "--seed", str(seed), "--out", str(out), *flags])
     (out / "log.txt").write_text(log.getvalue())
     if code != 0:
         raise RuntimeError(f"{name} seed {seed} failed:\n{log.getvalue()}")

@@ -1,6 +1,7 @@
 """Mutation check of test_sail.py: does the suite notice one-line bugs in how sail.py is wired?
 
-Each mutant changes ONE line of sail.py: `original` must occur exactly once in sail.py (a stale
+Each mutant changes ONE line of sail.py (or of plumbing.py, where named): `original` must occur
+exactly once in that file (a stale
 mutant, whose line moved or changed, fails loudly instead of silently testing nothing). For each
 mutant the repository is copied to a temporary folder, the line is changed there, and
 `python -m pytest -x -q -p no:cacheprovider test_sail.py` runs on the copy; a failing (or erroring,
@@ -36,8 +37,8 @@ MUTANTS = [
     ("ref-not-refreshed", "ref_unet = frozen_copy(pipe.unet, args.precision)",
      "ref_unet = base_unet.to(pipe.device)"),
     # 2. --reward-ref prev takes the wrong stage (the current model: every prompt ties)
-    ("reward-ref-prev-wrong-stage", 'saved_unet(f"iter_{i - 1}"), args.reward_precision)',
-     'saved_unet(f"iter_{i}"), args.reward_precision)'),
+    ("reward-ref-prev-wrong-stage", 'saved_unet(run, f"iter_{i - 1}"), args.reward_precision)',
+     'saved_unet(run, f"iter_{i}"), args.reward_precision)'),
     ("reward-ref-prev-never-used", 'args.reward_ref == "base" or i == 0:',
      'args.reward_ref == "base" or i < 2:'),
     ("reward-ref-meanings-swapped", 'args.reward_ref == "base" or i == 0:',
@@ -48,7 +49,7 @@ MUTANTS = [
     ("prompt-slice-shifted", "first = (i - 1) * per_iter", "first = i * per_iter"),
     # 4. candidates drawn, or judged, by another model than the current one
     ("candidates-drawn-by-judge-ref", "latents = generate(pipe, prompts, n, args, generators)",
-     "latents = generate(StableDiffusionPipeline(**{**pipe.components, 'unet': judge_ref}), "
+     "latents = generate(type(pipe)(**{**pipe.components, 'unet': judge_ref}), "
      "prompts, n, args, generators)"),
     ("eq8-theta-and-ref-swapped", "rewards = implicit_reward(pipe.unet, judge_ref, candidates,",
      "rewards = implicit_reward(judge_ref, pipe.unet, candidates,"),
@@ -74,7 +75,7 @@ MUTANTS = [
      '"reward_chosen": r_l, "reward_rejected": r_w,'),
     ("pairs-json-flipped", 'run.write_json(folder / "pairs.json", [',
      'run.write_json(folder / "pairs.json", [{**q, "chosen": q["rejected"], '
-     '"rejected": q["chosen"]} for q in self_pairs] or ['),
+     '"rejected": q["chosen"]} for q in self_pairs] or [', "plumbing.py"),
     ("confidence-inverted", "preference_probability(r_w, r_l).item()))",
      "preference_probability(r_l, r_w).item()))"),
     ("pair-prompts-rotated", "zip(prompts[start:done], run.gather(found))",
@@ -83,7 +84,7 @@ MUTANTS = [
     ("eval-noise-per-stage", 'seeded(args.seed, "evaluation", i)',
      'seeded(args.seed, "evaluation", folder.name, i)'),
     # 9. gradient clipping is gone; gradients never zeroed
-    ("no-gradient-clipping", "torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)", "pass"),
+    ("no-gradient-clipping", "torch.nn.utils.clip_grad_norm_(pipe.unet.parameters(), 1.0)", "pass"),
     ("gradients-never-zeroed", "optimizer.zero_grad(set_to_none=True)", "pass"),
     # 10. the reference errors come from the trained UNet (every logit 0, loss stuck at ln 2)
     ("ref-errors-from-theta", "err_ref = denoising_error(ref_unet, scheduler, x0, *shared, cond)",
@@ -106,10 +107,10 @@ MUTANTS = [
     ("mixup-ranks-by-winner-reward",
      'key=lambda p: p["reward_chosen"] - p["reward_rejected"],', 'key=lambda p: p["reward_chosen"],'),
     # 15. a resumed run continues from the first finished stage's model instead of the last
-    ("resume-from-first-finished", "saved_unet(finished[-1])", "saved_unet(finished[0])"),
+    ("resume-from-first-finished", "saved_unet(run, finished[-1])", "saved_unet(run, finished[0])"),
     # other wiring: the iteration trains on seed pairs only (self-labelling has no effect)
-    ("iteration-trains-on-seed-pairs", "diffusion_dpo(pipe, ref_unet, mixed, args, stage, run, scale)",
-     "diffusion_dpo(pipe, ref_unet, seed_pairs, args, stage, run, scale)"),
+    ("iteration-trains-on-seed-pairs", "diffusion_dpo(pipe, ref_unet, mixed, args, stage, run,",
+     "diffusion_dpo(pipe, ref_unet, seed_pairs, args, stage, run,"),
     ("k-draws-ignored", "args.beta, args.k_draws, generator, args.reward_batch)",
      "args.beta, 1, generator, args.reward_batch)"),
     ("every-stage-saves-the-base", 'pipe.unet.save_pretrained(folder / "unet")',
@@ -121,23 +122,23 @@ MUTANTS = [
      "scaler.scale(loss).backward()"),
     # the real path (issue 12): held-out data, evaluation prompts, warm-up, fp16, the judge
     ("heldout-pairs-also-trained", "return ([pair for i, pair in enumerate(seed_pairs) if i not in held],",
-     "return (list(seed_pairs),"),
+     "return (list(seed_pairs),", "plumbing.py"),
     ("eval-prompts-also-trained", "return [p for p in prompts if p not in held], held[::-1]",
-     "return prompts, held[::-1]"),
-    ("judge-acc-against-the-current-model", "reward_reference(run.stages.index(name) - 1)",
-     "reward_reference(run.stages.index(name))"),
+     "return prompts, held[::-1]", "plumbing.py"),
+    ("judge-acc-against-the-current-model", "judge_base, run.stages.index(stage) - 1)",
+     "judge_base, run.stages.index(stage))"),
     ("warmup-ignored", "lr = args.lr * min(1.0, (step + 1) / (warmup + 1))", "lr = args.lr"),
     ("fp16-overflow-skipped-not-redone", "if scaler.get_scale() >= scale:  # the step was taken",
      "if True:"),
-    ("fp16-scale-not-carried", '"loss_scale", 2.0 ** 16)', '"no such key", 2.0 ** 16)'),
+    ("fp16-scale-not-carried", '"loss_scale", 2.0 ** 16)', '"no such key", 2.0 ** 16)', "plumbing.py"),
 ]
 
 
-def apply(source, original, replacement, name):
-    """sail.py's text with the one change; refuses anything but exactly one occurrence."""
+def apply(source, original, replacement, name, file="sail.py"):
+    """The file's text with the one change; refuses anything but exactly one occurrence."""
     count = source.count(original)
     if count != 1:
-        raise SystemExit(f"mutant {name}: {original!r} occurs {count} times in sail.py (must be "
+        raise SystemExit(f"mutant {name}: {original!r} occurs {count} times in {file} (must be "
                          "exactly once): re-anchor it")
     if "\n" in original or "\n" in replacement:
         raise SystemExit(f"mutant {name}: a mutant changes one line")
@@ -207,17 +208,18 @@ def main():
                         help="leave this test out of every verdict (repeatable)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per mutant")
     args = parser.parse_args()
-    source = (HERE / "sail.py").read_text()
-    names = [name for name, _, _ in MUTANTS]
+    chosen = [(*m, "sail.py")[:4] for m in MUTANTS]  # (name, original, replacement, file)
+    sources = {file: (HERE / file).read_text() for *_, file in chosen}
+    names = [m[0] for m in chosen]
     unknown = [name for name in args.only if name not in names]
     if unknown:
         raise SystemExit(f"unknown mutant(s) {', '.join(unknown)}; --list shows them")
-    chosen = [m for m in MUTANTS if not args.only or m[0] in args.only]
-    for name, original, replacement in chosen:  # every anchor checked before any work
-        apply(source, original, replacement, name)
+    chosen = [m for m in chosen if not args.only or m[0] in args.only]
+    for name, original, replacement, file in chosen:  # every anchor checked before any work
+        apply(sources[file], original, replacement, name, file)
     if args.list:
-        for name, original, replacement in chosen:
-            print(f"{name}\n    - {original}\n    + {replacement}")
+        for name, original, replacement, file in chosen:
+            print(f"{name} ({file})\n    - {original}\n    + {replacement}")
         return 0
     results = []
     with tempfile.TemporaryDirectory(prefix="sail-mutants-") as scratch:
@@ -231,10 +233,10 @@ def main():
             print(f"baseline ({seconds:.0f} s): " + ("passes" if verdict == "missed" else
                   "fails, left out of every verdict: " + " ".join(failed)), flush=True)
             deselect += [node for node in failed if node.startswith("test_sail.py::")]
-        for name, original, replacement in chosen:
+        for name, original, replacement, file in chosen:
             folder = Path(scratch) / name
             copy_repository(folder, pristine)  # edits made while it runs do not leak in
-            (folder / "sail.py").write_text(apply(source, original, replacement, name))
+            (folder / file).write_text(apply(sources[file], original, replacement, name, file))
             verdict, failed, seconds = run_suite(folder, node_ids, args.keyword, args.timeout,
                                                  deselect)
             first = failed[0] if failed else ""

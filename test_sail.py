@@ -6,6 +6,7 @@ The optional extras are tested when installed: matplotlib (plots), pyarrow and d
 Equation numbers are SPEC.md's, as in sail.py.
 """
 
+import ast
 import copy
 import csv
 import importlib.util
@@ -28,20 +29,21 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # a missing network must not hang a local lo
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from diffusers import (DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,  # noqa: E402
+from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,  # noqa: E402
                        UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection  # noqa: E402
 
+import plumbing  # noqa: E402
 import sail  # noqa: E402
+import tiny_world  # noqa: E402
 
 HERE = Path(__file__).parent
-PRETRAIN_STEPS = 20  # a barely-trained tiny base: enough to exercise every line, quick to build
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None  # optional: the plots
 
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
-    """The pretrained tiny base goes to a per-session cache, never the user's ~/.cache."""
+    """The Pick-a-Pic cache goes to a per-session folder, never the user's ~/.cache."""
     os.environ["SAIL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
@@ -55,12 +57,12 @@ def run_from_the_repository(monkeypatch):
 def pipe(tmp_path_factory):
     """An untrained tiny Stable-Diffusion-shaped pipeline (random weights are enough for maths)."""
     torch.manual_seed(0)
-    return sail.build_tiny_pipeline(tmp_path_factory.mktemp("tokenizer"))
+    return tiny_world.build_pipeline(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="session")
 def tiny_base():
-    return sail.tiny_base_model(PRETRAIN_STEPS)
+    return str(tiny_world.BASE)
 
 
 def cond_for(pipe, prompts):
@@ -181,7 +183,7 @@ def test_diffusion_dpo_gives_winner_and_loser_the_same_t_and_noise(pipe, monkeyp
     monkeypatch.setattr(sail, "denoising_error", spy)
     args = sail.Args(tiny=True, precision="fp32", **{**sail.TINY_PRESET, "dpo_steps": 1,
                                                      "micro_batch": 4, "effective_batch": 4})
-    pairs = sail.read_seed_pairs(HERE / "seed_pairs.json")[:4]
+    pairs = plumbing.read_seed_pairs(HERE / "seed_pairs.json")[:4]
     theta = copy.deepcopy(pipe)
     sail.diffusion_dpo(theta, sail.frozen_copy(pipe.unet), pairs, args, "iter_0",
                        dpo_run(tmp_path, args))
@@ -197,7 +199,7 @@ def test_diffusion_dpo_trains_theta_and_leaves_ref_frozen(pipe, tmp_path):
     args = sail.Args(tiny=True, precision="fp32", **{**sail.TINY_PRESET, "dpo_steps": 2,
                                                      "micro_batch": 4, "effective_batch": 8,
                                                      "lr": 1e-3})
-    pairs = sail.read_seed_pairs(HERE / "seed_pairs.json")[:8]
+    pairs = plumbing.read_seed_pairs(HERE / "seed_pairs.json")[:8]
     theta, ref = copy.deepcopy(pipe), sail.frozen_copy(pipe.unet)
     before = [p.clone() for p in ref.parameters()]
     summary = sail.diffusion_dpo(theta, ref, pairs, args, "iter_0", dpo_run(tmp_path, args))
@@ -376,34 +378,63 @@ def test_ranked_mixup_draws_seed_pairs_with_replacement_only_when_too_few():
 # -------------------------------------------------------------------------------------------------
 
 def test_tiny_world_images_show_their_prompt_and_the_annotator_prefers_big_bright_centred():
-    prompts = [p for p in sail.TINY_PROMPTS for _ in range(10)]
-    images = sail.draw_tiny_images(prompts, torch.Generator().manual_seed(0))
+    prompts = [p for p in tiny_world.PROMPTS for _ in range(10)]
+    images = tiny_world.draw_images(prompts, torch.Generator().manual_seed(0))
     assert images.shape == (180, 3, 16, 16)
-    assert sail.fidelity(images, prompts).float().mean() > 0.9
+    assert tiny_world.fidelity(images, prompts).float().mean() > 0.9
     big = torch.zeros(1, 3, 16, 16)
     big[:, 0, 3:13, 3:13] = 1.0
     small = torch.zeros(1, 3, 16, 16)
     small[:, 0, 0:4, 0:4] = 0.6
-    assert sail.annotator_score(big, ["a red square"]) > sail.annotator_score(small, ["a red square"])
-    assert sail.annotator_score(big, ["a blue square"]) < 1  # wrong colour earns nothing
+    assert tiny_world.annotator_score(big, ["a red square"]) > tiny_world.annotator_score(small, ["a red square"])
+    assert tiny_world.annotator_score(big, ["a blue square"]) < 1  # wrong colour earns nothing
     blob = torch.ones(1, 3, 16, 16) * torch.tensor([1.0, 0, 0]).view(1, 3, 1, 1)
-    assert not sail.fidelity(blob, ["a red square"])[0]  # a screen of paint is not a square
+    assert not tiny_world.fidelity(blob, ["a red square"])[0]  # a screen of paint is not a square
+
+
+def test_seed_pairs_command_rebuilds_the_shipped_pairs_bit_identical(tmp_path, capsys):
+    assert tiny_world.main(["seed-pairs", "--out", str(tmp_path / "pairs")]) == 0
+    assert "the seed and held-out pairs: bit-identical to the shipped" in capsys.readouterr().out
+    assert tiny_world.main(["seed-pairs", "--out", str(tmp_path / "pairs")]) == 2  # never overwrites
+
+
+def test_shipped_tiny_base_comparison_names_a_changed_weight(tmp_path):
+    from safetensors.torch import load_file, save_file
+    copy_of = tmp_path / "base"
+    shutil.copytree(tiny_world.BASE, copy_of)
+    assert tiny_world.differences(copy_of, tiny_world.BASE) == []
+    weights = copy_of / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, weights)
+    found = tiny_world.differences(copy_of, tiny_world.BASE)
+    assert len(found) == 1 and "unet/diffusion_pytorch_model.safetensors" in found[0] and "0.001" in found[0]
+
+
+def test_pretrain_command_writes_a_loadable_tiny_base(tmp_path, capsys):
+    assert tiny_world.main(["pretrain", "--steps", "2", "--out", str(tmp_path / "base")]) == 0
+    assert "pretrained the tiny base" in capsys.readouterr().out
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "base")
+    assert pipe.vae.config.scaling_factor != 0.18215  # measured on the world's latents
+    assert sorted(p.name for p in (tmp_path / "base" / "unet").iterdir()) == [
+        "config.json", "diffusion_pytorch_model.safetensors"]
 
 
 def test_tiny_tokenizer_gives_one_token_per_word(tmp_path):
-    tokenizer = sail.tiny_tokenizer(tmp_path)
+    tokenizer = tiny_world.tokenizer(tmp_path)
     tokens = tokenizer.convert_ids_to_tokens(tokenizer("a magenta triangle").input_ids)
     assert tokens == ["<|startoftext|>", "a</w>", "magenta</w>", "triangle</w>", "<|endoftext|>"]
 
 
 def test_shipped_seed_pairs_are_annotator_labelled_on_seen_prompts_only():
-    pairs = sail.read_seed_pairs(HERE / "seed_pairs.json")
-    assert len(pairs) == sail.TINY_SEED_PAIRS
-    assert {p["prompt"] for p in pairs} == set(sail.TINY_SEEN)
+    pairs = plumbing.read_seed_pairs(HERE / "seed_pairs.json")
+    assert len(pairs) == tiny_world.N_SEED_PAIRS
+    assert {p["prompt"] for p in pairs} == set(tiny_world.SEEN)
     prompts = [p["prompt"] for p in pairs]
-    chosen = torch.stack([sail.load_image(p["chosen"], 16) for p in pairs]) / 2 + 0.5
-    rejected = torch.stack([sail.load_image(p["rejected"], 16) for p in pairs]) / 2 + 0.5
-    assert torch.all(sail.annotator_score(chosen, prompts) > sail.annotator_score(rejected, prompts))
+    chosen = torch.stack([plumbing.load_image(p["chosen"], 16) for p in pairs]) / 2 + 0.5
+    rejected = torch.stack([plumbing.load_image(p["rejected"], 16) for p in pairs]) / 2 + 0.5
+    assert torch.all(tiny_world.annotator_score(chosen, prompts) > tiny_world.annotator_score(rejected, prompts))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -464,7 +495,8 @@ def test_eq8_rounding_spread_at_theta_equal_ref_is_zero_in_fp32_and_small_in_fp1
 def test_learning_rate_warms_up_linearly_at_most_a_quarter_of_the_stage(tmp_path, tiny_base):
     out = tmp_path / "run"
     assert sail.main(["--tiny", "--iters", "0", "--dpo-steps", "12", "--warmup-steps", "500",
-                      "--pretrain-steps", str(PRETRAIN_STEPS), "--out", str(out)]) == 0
+                      "--effective-batch", "4", "--micro-batch", "4", "--eval-seeds", "1",
+                      "--heldout-pairs", "none", "--out", str(out)]) == 0
     lrs = [r["lr"] for r in records(out) if "step" in r]  # warm-up min(500, 12 // 4) = 3 steps
     assert lrs == pytest.approx([3e-5 * f for f in (0.25, 0.5, 0.75)] + [3e-5] * 9)
 
@@ -498,32 +530,19 @@ def test_an_unknown_flag_is_named_with_the_closest_one_exit_2(capsys):
                    "lists every flag"]
 
 
-def test_resume_works_from_another_working_directory(tmp_path, monkeypatch, tiny_base):
-    out = tmp_path / "run"
-    count_calls(monkeypatch, "dpo_loss", crash_at=2)
-    with pytest.raises(Crash):
-        sail.main([*RESUMABLE, "--out", str(out), "--seed-pairs", "seed_pairs.json"])  # relative
-    monkeypatch.undo()
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)
-    assert sail.main(["--resume", str(out), "--seed-pairs", str(HERE / "seed_pairs.json")]) == 0
-    assert json.loads((out / "config.json").read_text())["seed_pairs"] == str(HERE / "seed_pairs.json")
-
-
 def test_held_out_pairs_are_a_fixed_five_percent_never_trained_on():
     pairs = [{"prompt": f"p{i}"} for i in range(400)]
     args = argparse_like(heldout_pairs=None, seed=0)
-    train, held = sail.split_heldout(pairs, args)
+    train, held = plumbing.split_heldout(pairs, args)
     assert len(held) == 20 and len(train) == 380
     assert not {p["prompt"] for p in held} & {p["prompt"] for p in train}
-    assert sail.split_heldout(pairs, args) == (train, held)  # seeded: the same every run
-    assert sail.split_heldout(pairs[:19], args) == (pairs[:19], [])  # too few to spare 5%
-    assert len(sail.split_heldout(pairs * 30, args)[1]) == 500  # at most 500
+    assert plumbing.split_heldout(pairs, args) == (train, held)  # seeded: the same every run
+    assert plumbing.split_heldout(pairs[:19], args) == (pairs[:19], [])  # too few to spare 5%
+    assert len(plumbing.split_heldout(pairs * 30, args)[1]) == 500  # at most 500
 
 
 def test_judge_agreement_is_one_minus_itself_on_flipped_pairs_and_half_at_theta_equal_ref(pipe):
-    held = sail.read_seed_pairs(HERE / "heldout_pairs.json")[:6]
+    held = plumbing.read_seed_pairs(HERE / "heldout_pairs.json")[:6]
     args = argparse_like(seed=0, resolution=16, reward_batch=40, k_draws=2, beta=5000.0,
                          reward_precision="fp32")
     theta = copy.deepcopy(pipe)
@@ -539,10 +558,10 @@ def test_real_models_evaluate_on_prompts_no_stage_trains_on():
     seed = [{"prompt": "a"}, {"prompt": "b"}]
     prompts = ["a", "c", "d", "e", "f", "g", "b", "h"]
     args = argparse_like(tiny=False, prompts="prompts.txt")
-    train, held = sail.split_eval_prompts(prompts, seed, args)
+    train, held = plumbing.split_eval_prompts(prompts, seed, args)
     assert held == ["e", "f", "g", "h"] and train == ["a", "c", "d", "b"]
     with pytest.raises(sail.InputError, match="none is left to evaluate on"):
-        sail.split_eval_prompts(["a", "b"], seed, args)
+        plumbing.split_eval_prompts(["a", "b"], seed, args)
 
 
 def write_pickapic_dataset(folder, n):
@@ -557,13 +576,13 @@ def test_a_real_model_without_data_flags_trains_on_a_cached_pickapic_subset(
         tmp_path, tiny_base, monkeypatch, capsys):
     import pickapic
     write_pickapic_dataset(tmp_path / "pickapic", 40)
-    monkeypatch.setattr(sail, "PICKAPIC_SEED_PAIRS", 8)
+    monkeypatch.setattr(plumbing, "PICKAPIC_SEED_PAIRS", 8)
     flags = ["--model", tiny_base, "--pickapic-dataset", str(tmp_path / "pickapic"), *REAL_QUICK]
     assert sail.main([*flags, "--out", str(tmp_path / "one")]) == 0
     config = json.loads((tmp_path / "one" / "config.json").read_text())
-    seed_pairs = sail.read_seed_pairs(config["seed_pairs"])
-    prompts = sail.read_prompts(config["prompts"])
-    assert len(seed_pairs) == 8 and len(prompts) == 1 * 4 + sail.EVAL_PROMPTS
+    seed_pairs = plumbing.read_seed_pairs(config["seed_pairs"])
+    prompts = plumbing.read_prompts(config["prompts"])
+    assert len(seed_pairs) == 8 and len(prompts) == 1 * 4 + plumbing.EVAL_PROMPTS
     assert not {p["prompt"] for p in seed_pairs} & set(prompts)  # prompts are other captions
     monkeypatch.setattr(pickapic, "open_dataset", None)  # the second run reads the cache only
     assert sail.main([*flags, "--out", str(tmp_path / "two")]) == 0
@@ -580,8 +599,7 @@ def test_a_real_model_without_data_or_datasets_exits_2_naming_both_fixes(
 
 
 def test_every_prompt_tied_says_why_and_what_to_change(tmp_path, tiny_base, capsys):
-    assert sail.main(["--tiny", "--iters", "1", "--lr", "1e-12", "--pretrain-steps",
-                      str(PRETRAIN_STEPS), *QUICK, "--out", str(tmp_path / "run")]) == 0
+    assert sail.main(["--tiny", "--iters", "1", "--lr", "1e-30", *QUICK, "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "equal within float tolerance" in out and "Raise --lr or --dpo-steps" in out
 
@@ -590,14 +608,15 @@ def test_every_prompt_tied_says_why_and_what_to_change(tmp_path, tiny_base, caps
 # Whole runs: the tiny world, and the real-SD loading path on a saved pipeline
 # -------------------------------------------------------------------------------------------------
 
-QUICK = ["--dpo-steps", "3", "--n-candidates", "3", "--k-draws", "2", "--prompts-per-iter", "4"]
+QUICK = ["--dpo-steps", "3", "--n-candidates", "3", "--k-draws", "2", "--prompts-per-iter", "4",
+         "--eval-seeds", "1"]
 
 
 def test_tiny_run_writes_every_output_and_its_unet_loads_back(tmp_path, tiny_base):
     out = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "sail.py", "--tiny", "--iters", "1", "--out", str(out),
-         "--pretrain-steps", str(PRETRAIN_STEPS), *QUICK],
+         *QUICK],
         cwd=HERE, capture_output=True, text=True, timeout=300, env=os.environ)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].startswith("sail: embedded tiny world")
@@ -614,7 +633,7 @@ def test_tiny_run_writes_every_output_and_its_unet_loads_back(tmp_path, tiny_bas
     assert 0 <= summaries["iter_1"]["self_label_acc"] <= 1
     for stage in ("base", "iter_0", "iter_1"):
         assert (out / stage / "grid.png").exists()
-    self_labelled = sail.read_seed_pairs(out / "iter_1" / "pairs.json")  # the seed-pair format
+    self_labelled = plumbing.read_seed_pairs(out / "iter_1" / "pairs.json")  # the seed-pair format
     assert len(self_labelled) == summaries["iter_1"]["self_pairs"] <= 4
     raw = json.loads((out / "iter_1" / "pairs.json").read_text())
     assert all(p["reward_chosen"] > p["reward_rejected"] for p in raw)
@@ -822,13 +841,13 @@ def test_unsupported_pipeline_class_is_named(tmp_path, capsys, tiny_base):
 # -------------------------------------------------------------------------------------------------
 
 def test_annotator_relabel_orders_each_pair_by_the_hidden_annotator():
-    pairs = sail.read_seed_pairs(HERE / "seed_pairs.json")[:6]
+    pairs = plumbing.read_seed_pairs(HERE / "seed_pairs.json")[:6]
     swapped = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} if i % 2 else p
                for i, p in enumerate(pairs)]
-    assert sail.annotator_agrees(swapped).tolist() == [True, False] * 3
-    assert sail.annotator_relabel(swapped) == pairs
+    assert tiny_world.annotator_agrees(swapped).tolist() == [True, False] * 3
+    assert tiny_world.annotator_relabel(swapped) == pairs
     judged = [{**p, "reward_chosen": 2.0, "reward_rejected": 1.0, "confidence": 0.73} for p in swapped]
-    relabelled = sail.annotator_relabel(judged)
+    relabelled = tiny_world.annotator_relabel(judged)
     assert [p["chosen"] for p in relabelled] == [p["chosen"] for p in pairs]
     assert relabelled[1]["reward_chosen"] == 1.0 and relabelled[1]["reward_rejected"] == 2.0
     assert relabelled[1]["confidence"] == pytest.approx(0.27) and relabelled[0] == judged[0]
@@ -844,8 +863,8 @@ def test_oracle_labels_need_the_tiny_world(tmp_path, tiny_base, capsys):
 def test_evidence_study_quick_size_writes_its_tables_and_plot(tmp_path, tiny_base):
     import evidence
     out = tmp_path / "evidence"
-    code = evidence.main(["--quick", "--seeds", "2", "--out", str(out), "--pretrain-steps",
-                          str(PRETRAIN_STEPS), "--conditions", "sail,iterative-seed-dpo,all-labels-dpo"])
+    code = evidence.main(["--quick", "--seeds", "2", "--out", str(out), "--conditions",
+                          "sail,iterative-seed-dpo,all-labels-dpo"])
     assert code == 0
     with open(out / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -896,7 +915,7 @@ def test_evidence_refuses_an_existing_output_folder(earlier_run, capsys):
 def test_benchmark_quick_size_writes_its_tables_and_plot(tmp_path, tiny_base):
     import bench
     out = tmp_path / "bench"
-    assert bench.main(["--quick", "--out", str(out), "--pretrain-steps", str(PRETRAIN_STEPS)]) == 0
+    assert bench.main(["--quick", "--out", str(out)]) == 0
     with open(out / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == ["measure", "setting", "value", "seconds", "per_second", "unit",
@@ -915,9 +934,9 @@ def test_benchmark_quick_size_writes_its_tables_and_plot(tmp_path, tiny_base):
 # -------------------------------------------------------------------------------------------------
 
 # 2 prompts per generation call (2 rounds), a checkpoint every 2 of 6 DPO steps
-RESUMABLE = ["--tiny", "--iters", "1", "--pretrain-steps", str(PRETRAIN_STEPS), "--dpo-steps", "6",
+RESUMABLE = ["--tiny", "--iters", "1", "--dpo-steps", "6",
              "--checkpoint-every", "2", "--n-candidates", "3", "--k-draws", "2",
-             "--prompts-per-iter", "4", "--generation-batch", "6"]
+             "--prompts-per-iter", "4", "--generation-batch", "6", "--eval-seeds", "1"]
 
 
 @pytest.fixture(scope="session")
@@ -974,15 +993,19 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch
                                                            name, crash_at, redone):
     out = tmp_path / "run"
     count_calls(monkeypatch, name, crash_at)
-    with pytest.raises(Crash):
-        sail.main([*RESUMABLE, "--out", str(out), "--keep-checkpoints", "1"])
+    with pytest.raises(Crash):  # the seed pairs given relative to the working folder
+        sail.main([*RESUMABLE, "--out", str(out), "--keep-checkpoints", "1",
+                   "--seed-pairs", "seed_pairs.json"])
     if name == "dpo_loss":  # iter_0 finished (its checkpoints are gone); iter_1 keeps the newest
         assert [p.name for p in (out / "checkpoints").iterdir()] == ["iter_1-step000002.pt"]
     monkeypatch.undo()
-    monkeypatch.chdir(HERE)
+    elsewhere = tmp_path / "elsewhere"  # config.json holds absolute paths: resume from anywhere
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     calls = count_calls(monkeypatch, name)
-    assert sail.main(["--resume", str(out)]) == 0
+    assert sail.main(["--resume", str(out), "--seed-pairs", str(HERE / "seed_pairs.json")]) == 0
     assert len(calls) == redone  # it continued where it stopped, it did not start over
+    assert json.loads((out / "config.json").read_text())["seed_pairs"] == str(HERE / "seed_pairs.json")
     assert_same_run(uninterrupted, out)
 
 
@@ -1001,29 +1024,25 @@ def wait_for(ready, process, timeout=120):
     raise AssertionError("timed out")
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_130_then_resume_finishes_the_same(tmp_path,
-                                                                             uninterrupted):
-    out = tmp_path / "run"
-    process = start_run(out)
-    metrics = out / "metrics.jsonl"
-    wait_for(lambda: metrics.exists() and '"step"' in metrics.read_text(), process)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130
-    assert f"continue with: python sail.py --resume {out}" in stderr
-    assert any((out / "checkpoints").glob("iter_*-step*.pt"))  # saved where it stopped
-    assert sail.main(["--resume", str(out)]) == 0
-    assert_same_run(uninterrupted, out)
-
-
-def test_a_killed_run_resumes_from_its_files_to_the_same_result(tmp_path, uninterrupted):
-    out = tmp_path / "run"
-    process = start_run(out)
-    wait_for(lambda: any(out.glob("checkpoints/*.pt")), process)
-    process.kill()  # SIGKILL: no handler runs; whatever is on disk is all there is
-    process.communicate(timeout=60)
-    assert sail.main(["--resume", str(out)]) == 0
-    assert_same_run(uninterrupted, out)
+def test_ctrl_c_and_a_kill_each_leave_a_run_that_resumes_to_the_same_result(tmp_path, uninterrupted):
+    """Two runs at once (2 cores): one gets Ctrl-C (SIGINT) after its first DPO step: it saves a
+    checkpoint and exits 130; the other is killed (SIGKILL, no handler runs) after its first
+    checkpoint. Each resumes from what is on disk to the uninterrupted result."""
+    stopped, killed = tmp_path / "stopped", tmp_path / "killed"
+    processes = {out: start_run(out) for out in (stopped, killed)}
+    metrics = stopped / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and '"step"' in metrics.read_text(), processes[stopped])
+    processes[stopped].send_signal(signal.SIGINT)
+    wait_for(lambda: any(killed.glob("checkpoints/*.pt")), processes[killed])
+    processes[killed].kill()
+    processes[killed].communicate(timeout=60)
+    _, stderr = processes[stopped].communicate(timeout=120)
+    assert processes[stopped].returncode == 130
+    assert f"continue with: python sail.py --resume {stopped}" in stderr
+    assert any((stopped / "checkpoints").glob("iter_*-step*.pt"))  # saved where it stopped
+    for out in (stopped, killed):
+        assert sail.main(["--resume", str(out)]) == 0
+        assert_same_run(uninterrupted, out)
 
 
 def test_state_files_are_written_whole_or_not_at_all(tmp_path):
@@ -1093,7 +1112,7 @@ def test_an_output_folder_that_cannot_be_created_is_refused_before_any_work(tmp_
 
 def test_a_disk_too_small_for_the_run_is_refused_before_any_work(tmp_path, monkeypatch, capsys,
                                                                  tiny_base):
-    monkeypatch.setattr(sail.shutil, "disk_usage",
+    monkeypatch.setattr(plumbing.shutil, "disk_usage",
                         lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6))
     out = tmp_path / "run"
     assert sail.main([*RESUMABLE, "--out", str(out)]) == 2
@@ -1123,17 +1142,12 @@ def assert_same_up_to_rounding(expected, out):
     assert max((one[k] - two[k]).abs().max() for k in one) < 0.1 * trained
 
 
-def test_two_processes_compute_what_one_does(tmp_path, uninterrupted):
-    """Each process takes half of every round of prompts and of every batch; DDP averages."""
+def test_a_one_process_run_resumed_in_two_processes_computes_what_one_does(tmp_path, monkeypatch,
+                                                                          uninterrupted):
+    """Crashed at iter_0's second DPO step, the run is finished by 2 processes: each takes half of
+    every round of prompts and of every batch, DDP averages; the result is one process's."""
     out = tmp_path / "run"
-    torchrun(*RESUMABLE, "--out", str(out))
-    assert json.loads((out / "config.json").read_text())["processes"] == 2
-    assert_same_up_to_rounding(uninterrupted, out)
-
-
-def test_a_one_process_run_resumes_in_two_processes(tmp_path, monkeypatch, uninterrupted):
-    out = tmp_path / "run"
-    count_calls(monkeypatch, "dpo_loss", crash_at=10)  # mid-training, iter_1 step 4
+    count_calls(monkeypatch, "dpo_loss", crash_at=2)
     with pytest.raises(Crash):
         sail.main([*RESUMABLE, "--out", str(out)])
     torchrun("--resume", str(out))
@@ -1142,8 +1156,9 @@ def test_a_one_process_run_resumes_in_two_processes(tmp_path, monkeypatch, unint
 
 def test_gradient_checkpointing_changes_memory_not_results(tmp_path, uninterrupted):
     out = tmp_path / "run"
-    assert sail.main([*RESUMABLE, "--out", str(out), "--gradient-checkpointing"]) == 0
-    assert [r.get("loss") for r in records(out)] == [r.get("loss") for r in records(uninterrupted)]
+    assert sail.main([*RESUMABLE, "--iters", "0", "--out", str(out), "--gradient-checkpointing"]) == 0
+    step0 = [r.get("loss") for r in records(uninterrupted) if r["stage"] in ("base", "iter_0")]
+    assert [r.get("loss") for r in records(out)] == step0
 
 
 def test_bf16_keeps_frozen_models_in_bf16_and_trains_the_unet_in_fp32(tmp_path, tiny_base,
@@ -1156,21 +1171,27 @@ def test_bf16_keeps_frozen_models_in_bf16_and_trains_the_unet_in_fp32(tmp_path, 
                     theta=pipe.unet.dtype)
         return real(pipe, ref_unet, *args)
     monkeypatch.setattr(sail, "diffusion_dpo", spy)
+    monkeypatch.setattr(sail, "evaluate", lambda *_: {})  # sampling 72 images in bf16: 2 min on a CPU
     out = tmp_path / "run"
-    assert sail.main([*RESUMABLE, "--out", str(out), "--precision", "bf16"]) == 0
+    assert sail.main([*RESUMABLE, "--iters", "0", "--heldout-pairs", "none", "--effective-batch", "4",
+                      "--micro-batch", "4", "--out", str(out), "--precision", "bf16"]) == 0
     assert seen == dict(ref=torch.bfloat16, vae=torch.bfloat16, text=torch.bfloat16,
                         theta=torch.float32)
     assert all(math.isfinite(r["loss"]) for r in records(out) if "loss" in r)
 
 
-def test_fp16_redoes_overflowing_steps_counts_them_and_carries_the_scale(tmp_path, tiny_base):
+def test_fp16_redoes_overflowing_steps_counts_them_and_carries_the_scale(tmp_path, tiny_base,
+                                                                          monkeypatch):
+    monkeypatch.setattr(sail, "evaluate", lambda *_: {})  # sampling in fp16: a minute on a CPU
     out = tmp_path / "run"
-    assert sail.main(["--tiny", "--iters", "1", *QUICK, "--pretrain-steps", str(PRETRAIN_STEPS),
+    assert sail.main(["--tiny", "--iters", "1", *QUICK, "--prompts-per-iter", "2", "--sample-steps", "2",
+                      "--effective-batch", "4", "--micro-batch", "4", "--heldout-pairs", "none",
                       "--precision", "fp16", "--out", str(out)]) == 0
     steps = [r for r in records(out) if "step" in r]
     summaries = {r["stage"]: r for r in records(out) if r.get("event") == "summary"}
     assert all(math.isfinite(r["loss"]) for r in steps)
-    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=0.01)  # theta == ref up to fp16
+    # theta == ref up to fp16 rounding, which beta/2 = 2500 magnifies (shipped base: 0.668)
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=0.05)
     first = [r for r in steps if r["stage"] == "iter_0"]
     assert first[0]["overflows"] > 0  # 2**16 overflowed: the step was redone, not skipped
     assert summaries["iter_0"]["overflows"] == sum(r["overflows"] for r in first)
@@ -1185,6 +1206,47 @@ def test_fp16_keeps_a_vae_that_asks_for_it_in_fp32(pipe):
     sail.cast_frozen_models(pipe, "fp16")
     assert pipe.vae.config.force_upcast and pipe.vae.dtype == torch.float32
     assert pipe.text_encoder.dtype == torch.float16 and pipe.unet.dtype == torch.float32
+
+
+def test_help_shows_dashed_flags_switches_groups_and_the_defaults_of_the_world_that_would_run(
+        capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no GPU: the tiny world
+    with pytest.raises(SystemExit) as exit_info:
+        sail.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    usage = out[:out.index("\n\n")]
+    assert "--seed-pairs" in usage and "--seed_pairs" not in out
+    assert "[--tiny]" in usage and "TINY" not in usage  # a switch, not --tiny [TINY]
+    assert "Defaults shown: the tiny world" in " ".join(out.split())
+    text = " ".join(out.split())
+    assert "image size in pixels (SD 1.5: 512) (default: 16)" in text  # the tiny preset's value
+    sections = [line for line in out.splitlines() if line and not line.startswith(" ")]
+    assert sections[-6:] == [f"{title}:" for title in sail.GROUPS.values()]  # grouped as Args is
+
+
+def test_sail_py_keeps_its_layout_budget():
+    """sail.py's header states it: at most 1,000 lines, the algorithm (PART 1, up to the end of
+    the SAIL loop) in the first half, no function over 60 lines (issue 13)."""
+    source = (HERE / "sail.py").read_text()
+    lines = source.splitlines()
+    tree = ast.parse(source)
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    assert len(lines) <= 1000
+    assert functions["sail"].end_lineno <= len(lines) / 2
+    assert lines.index(next(line for line in lines if "PART 2: PLUMBING" in line)) > functions["sail"].end_lineno
+    long = [f"{node.name}: {node.end_lineno - node.lineno + 1}" for file in ("sail.py", "plumbing.py",
+            "tiny_world.py") for node in ast.walk(ast.parse((HERE / file).read_text()))
+            if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 60]
+    assert long == []
+
+
+def test_tiny_world_never_imports_sail():
+    tree = ast.parse((HERE / "tiny_world.py").read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "torch" in imported and not imported & {"sail", "plumbing"}
 
 
 def test_help_lists_every_setting_with_its_paper_value(capsys):
@@ -1229,7 +1291,7 @@ def test_pickapic_import_drops_ties_and_orders_winners(tmp_path):
     write_pickapic_shard(tmp_path / "train-0.parquet", pickapic_rows(20))
     out = tmp_path / "data"
     assert pickapic.main([str(tmp_path / "train-0.parquet"), "--out", str(out)]) == 0
-    pairs = sail.read_seed_pairs(out / "seed_pairs.json")  # the format sail.py reads
+    pairs = plumbing.read_seed_pairs(out / "seed_pairs.json")  # the format sail.py reads
     assert len(pairs) == 16  # 20 rows, 4 ties
     for pair in pairs:
         i = int(pair["prompt"].split()[1])
@@ -1293,7 +1355,7 @@ def test_pickapic_reads_a_datasets_dataset_like_its_parquet_shards(tmp_path):
         assert pickapic.main([*source, "--out", str(tmp_path / name)]) == 0
         imported[name] = [(p["prompt"], Path(p["chosen"]).read_bytes(),
                            Path(p["rejected"]).read_bytes())
-                          for p in sail.read_seed_pairs(tmp_path / name / "seed_pairs.json")]
+                          for p in plumbing.read_seed_pairs(tmp_path / name / "seed_pairs.json")]
     assert len(imported["dataset"]) == 16 and imported["dataset"] == imported["parquet"]
 
 
@@ -1313,19 +1375,11 @@ def test_pickapic_bad_sources(tmp_path, capsys, argv, message):
 # -------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def quick_run(tmp_path_factory, tiny_base):
-    out = tmp_path_factory.mktemp("quick") / "run"
-    assert sail.main(["--tiny", "--iters", "1", "--out", str(out), "--pretrain-steps",
-                      str(PRETRAIN_STEPS), *QUICK]) == 0
-    return out
-
-
-@pytest.fixture(scope="session")
 def tiny_pickscore(tmp_path_factory):
     """A CLIPModel + processor built from configs and saved: the loading code of PickScore_v1."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
     folder = tmp_path_factory.mktemp("pickscore")
-    tokenizer = sail.tiny_tokenizer(folder)
+    tokenizer = tiny_world.tokenizer(folder)
     torch.manual_seed(0)
     CLIPModel(CLIPConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
@@ -1345,11 +1399,11 @@ def test_pickscore_is_scaled_cosine_of_clip_embeddings(tiny_pickscore):
     import evaluate
     scorer = evaluate.PickScore(tiny_pickscore / "model", tiny_pickscore / "processor",
                                 torch.device("cpu"))
-    images = sail.draw_tiny_images(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
+    images = tiny_world.draw_images(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
     prompts = ["a red circle", "a blue square"]
     scores = scorer(images, prompts)
     # independent: CLIPModel's own forward gives logits_per_image = logit_scale.exp() * cos
-    inputs = scorer.processor(text=prompts, images=[sail.to_pil(i) for i in images],
+    inputs = scorer.processor(text=prompts, images=[plumbing.to_pil(i) for i in images],
                               padding=True, return_tensors="pt")
     with torch.no_grad():
         logits = scorer.model(**inputs).logits_per_image                      # (images, texts)
@@ -1379,10 +1433,10 @@ def test_aesthetic_score_is_the_linear_mlp_of_the_normalised_image_embedding(tin
     import evaluate
     scorer = evaluate.Aesthetic(tiny_aesthetic / "clip", tiny_aesthetic / "head.pth",
                                 torch.device("cpu"))
-    images = sail.draw_tiny_images(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
+    images = tiny_world.draw_images(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
     scores = scorer(images, ["a red circle", "a blue square"])
     # independent: CLIP's vision tower + projection by hand, then the head's five affine maps
-    pixels = scorer.processor(images=[sail.to_pil(i) for i in images], return_tensors="pt")
+    pixels = scorer.processor(images=[plumbing.to_pil(i) for i in images], return_tensors="pt")
     with torch.no_grad():
         pooled = scorer.model.vision_model(pixel_values=pixels["pixel_values"]).pooler_output
         x = scorer.model.visual_projection(pooled)                               # (2, 16)
@@ -1393,10 +1447,10 @@ def test_aesthetic_score_is_the_linear_mlp_of_the_normalised_image_embedding(tin
     torch.testing.assert_close(scores, x.squeeze(-1))
 
 
-def test_evaluate_scores_every_stage_of_a_run(quick_run, tiny_pickscore, tmp_path):
+def test_evaluate_scores_every_stage_of_a_run(uninterrupted, tiny_pickscore, tmp_path):
     import evaluate
     out = tmp_path / "eval"
-    code = evaluate.main([str(quick_run), "--seeds", "2", "--metrics", "annotator,pickscore",
+    code = evaluate.main([str(uninterrupted), "--seeds", "2", "--metrics", "annotator,pickscore",
                           "--pickscore-model", str(tiny_pickscore / "model"),
                           "--pickscore-processor", str(tiny_pickscore / "processor"),
                           "--out", str(out)])
@@ -1417,9 +1471,9 @@ def test_evaluate_scores_every_stage_of_a_run(quick_run, tiny_pickscore, tmp_pat
     (["--metrics", "aesthetic"], "--metrics aesthetic needs --aesthetic-head"),
     (["--metrics", "aesthetic", "--aesthetic-head", "/no/such.pth"], "cannot load the aesthetic"),
 ])
-def test_evaluate_bad_input(quick_run, capsys, tmp_path, argv, message):
+def test_evaluate_bad_input(uninterrupted, capsys, tmp_path, argv, message):
     import evaluate
-    code = evaluate.main([str(quick_run), *argv, "--out", str(tmp_path / "e")])
+    code = evaluate.main([str(uninterrupted), *argv, "--out", str(tmp_path / "e")])
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
 
@@ -1528,9 +1582,8 @@ def test_ranked_mixup_ranks_by_margin_not_by_the_winners_reward():
     assert [p["prompt"] for p in mixed if "reward_chosen" in p] == ["p1", "p2"]
 
 
-WIRED = ["--tiny", "--iters", "2", "--reward-ref", "prev", "--pretrain-steps", str(PRETRAIN_STEPS),
-         "--dpo-steps", "3", "--n-candidates", "3", "--k-draws", "2", "--prompts-per-iter", "4",
-         "--sample-steps", "4"]
+WIRED = ["--tiny", "--iters", "2", "--reward-ref", "prev", "--dpo-steps", "3", "--n-candidates",
+         "3", "--k-draws", "2", "--prompts-per-iter", "4", "--sample-steps", "4", "--eval-seeds", "2"]
 WIRED_STAGES = ["base", "iter_0", "iter_1", "iter_2"]
 
 
@@ -1726,7 +1779,7 @@ def test_reward_ref_prev_judges_against_the_reference_of_the_previous_round(wire
 
 def test_each_iteration_judges_its_own_disjoint_prompt_slice(wired_run):
     _, seen = wired_run
-    prompts = sail.read_prompts(HERE / "prompts.txt")
+    prompts = plumbing.read_prompts(HERE / "prompts.txt")
     judged = {stage: [p for r in seen["judge"] if r["stage"] == stage for p in r["prompts"]]
               for stage in ("iter_1", "iter_2")}
     # --prompts-per-iter 4: iteration i takes lines 4(i-1) .. 4i-1 of prompts.txt, in order
@@ -1759,7 +1812,7 @@ def test_pairs_json_and_pair_images_say_what_eq8_ranked(wired_run):
     """Each untied prompt gives one pair: chosen = argmax of its Eq. 8 rewards, rejected = argmin,
     confidence = Eq. 9 > 0.5; the PNGs are those two candidates, decoded."""
     out, seen = wired_run
-    vae = sail.AutoencoderKL.from_pretrained(out / "tiny_base" / "vae")
+    vae = AutoencoderKL.from_pretrained(out / "tiny_base" / "vae")
     for stage in ("iter_1", "iter_2"):
         untied = [(prompt, judged) for prompt, judged in judged_prompts(seen, stage)
                   if not torch.isclose(judged["rewards"].max(), judged["rewards"].min())]
@@ -1777,7 +1830,7 @@ def test_pairs_json_and_pair_images_say_what_eq8_ranked(wired_run):
             decoded = sail.decode_latents(vae, judged["latents"][[best, worst]])  # (2, 3, 16, 16)
             assert (decoded[0] - decoded[1]).abs().max() > 8 / 255  # the check can tell them apart
             for key, image in zip(("chosen", "rejected"), decoded):
-                saved = sail.load_image(out / stage / pair[key], 16) / 2 + 0.5
+                saved = plumbing.load_image(out / stage / pair[key], 16) / 2 + 0.5
                 assert (saved - image).abs().max() <= 1.5 / 255, f"{stage} {prompt}: {key}"
 
 
@@ -1792,7 +1845,7 @@ def test_each_iteration_trains_on_its_self_labelled_pairs_mixed_with_seed_pairs(
     """D_0 = the seed pairs; D_i = the iteration's pairs.json plus (1 - alpha) / alpha = 3 times
     as many seed pairs."""
     out, seen = wired_run
-    seeds = [pair_key(p) for p in sail.read_seed_pairs(HERE / "seed_pairs.json")]
+    seeds = [pair_key(p) for p in plumbing.read_seed_pairs(HERE / "seed_pairs.json")]
     trained = {r["stage"]: r["pairs"] for r in seen["dpo"]}
     assert [pair_key(p) for p in trained["iter_0"]] == seeds
     for stage in ("iter_1", "iter_2"):
@@ -1807,7 +1860,7 @@ def test_each_iteration_trains_on_its_self_labelled_pairs_mixed_with_seed_pairs(
 
 def posterior(vae, paths):
     """The VAE posterior of each image file: (mean, std), each (B, 4, 8, 8), unscaled."""
-    images = torch.stack([sail.load_image(path, 16) for path in paths])
+    images = torch.stack([plumbing.load_image(path, 16) for path in paths])
     with torch.no_grad():
         dist = vae.encode(images).latent_dist
     return dist.mean, dist.std
@@ -1832,7 +1885,7 @@ def test_seed_pairs_train_on_scaled_vae_posterior_samples_each_with_its_own_nois
     """x_0 = scaling_factor * (mean + std * z) of the right image, winners then losers, and the
     posterior noises z of the winner and the loser are independent N(0, 1) draws."""
     out, seen = wired_run
-    vae = sail.AutoencoderKL.from_pretrained(out / "tiny_base" / "vae")
+    vae = AutoencoderKL.from_pretrained(out / "tiny_base" / "vae")
     scale = vae.config.scaling_factor
     assert abs(scale - 1) > 0.05  # the check can tell a scaled latent from an unscaled one
     z = {"chosen": [], "rejected": []}

@@ -1,0 +1,619 @@
+"""Plumbing a reader of sail.py never needs: the command line built from its Args, the input
+files read and checked, models loaded, the run folder written whole and resumed, the processes of
+a torchrun job, Ctrl-C. Nothing here computes any of SAIL's numbers.
+
+A paper-sized run takes hours: it must survive a kill, and may be spread over GPUs (torchrun).
+Three rules make both exact rather than approximate:
+  1. every random draw comes from a generator seeded by what it is for (seeded): candidate c
+     of prompt j, step s of a DPO stage. No draw depends on what ran before it, in this process
+     or another, so resuming or splitting the work never changes a number;
+  2. every state file is written whole or not at all (a temporary name, then a rename);
+  3. only process 0 writes; the others wait for it where they read what it wrote.
+"""
+
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # quiet, before the libraries load
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import difflib
+import hashlib
+import json
+import math
+import random
+import shutil
+import signal
+import sys
+import typing
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+import diffusers
+import transformers
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+import tiny_world
+
+# Quiet by default: library notes and bars a user cannot act on are silenced here, once.
+diffusers.utils.logging.disable_progress_bar()
+diffusers.utils.logging.set_verbosity_error()  # also when diffusers was imported before sail
+transformers.utils.logging.disable_progress_bar()
+warnings.filterwarnings("ignore", category=FutureWarning)
+# DDP notes that a 1x1 convolution's gradient has another memory layout than its bucket: harmless
+warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+
+
+# =================================================================================================
+# Errors
+# =================================================================================================
+
+class InputError(Exception):
+    """Bad input from the user: sail.main() prints it on one line and exits with code 2."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: the run saved its progress; main() exits with 130."""
+
+
+class TrainingDiverged(Exception):
+    """A NaN or inf loss: main() exits with 3, keeping the last good checkpoint."""
+
+
+# =================================================================================================
+# The command line: argparse from sail.Args, resume, checks
+# =================================================================================================
+
+def flag_parser(settings, groups, defaults, description):
+    """argparse from a dataclass: dashed names, switches as switches, grouped, defaults shown."""
+    parser = argparse.ArgumentParser(prog="sail.py", description=description, allow_abbrev=False)
+    for setting in dataclasses.fields(settings):
+        if setting.name in groups:
+            group = parser.add_argument_group(groups[setting.name])
+        kind = setting.type
+        if typing.get_origin(kind) is typing.Union:  # Optional[X] -> X
+            kind = typing.get_args(kind)[0]
+        default = defaults.get(setting.name, setting.default)
+        shown = "" if default is None or kind is bool else f" (default: {default})"
+        metavar = {int: "N", float: "X"}.get(kind, setting.name.split("_")[-1].upper())
+        options = ({"action": "store_true"} if kind is bool else
+                   {"choices": typing.get_args(kind)} if typing.get_origin(kind) is typing.Literal
+                   else {"type": kind, "metavar": metavar})
+        group.add_argument("--" + setting.name.replace("_", "-"), default=default,
+                           help=setting.metadata["help"] + shown, **options)
+    return parser
+
+
+PATHS = ("seed_pairs", "prompts", "heldout_pairs", "model")  # stored absolute: --resume from anywhere
+
+
+def absolute_paths(settings):
+    """The path settings that exist, made absolute: config.json then works from any folder."""
+    for name in PATHS:
+        value = settings.get(name)
+        if value and value != "none" and Path(value).exists():
+            settings[name] = str(Path(value).absolute())
+    return settings
+
+
+def parse_flags(parser, argv):
+    """argv -> a dict of settings; an unknown flag is bad input, named with the closest one."""
+    known, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = next((a for a in unknown if a.startswith("-")), unknown[0])
+        close = difflib.get_close_matches(flag.split("=")[0], list(parser._option_string_actions), n=1)
+        raise InputError(f"unknown flag {flag}" + (f" (did you mean {close[0]}?)" if close else "")
+                         + "; python sail.py --help lists every flag")
+    return absolute_paths(vars(known))
+
+
+def default_precision():
+    """bf16 on a GPU that has it (A100, H100, RTX 30xx and later), else fp32."""
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def check_settings(args, world):
+    """Values no run can use: one line naming the flag."""
+    checks = [
+        (args.iters >= 0, "--iters must be >= 0"),
+        (args.n_candidates >= 2, "--n-candidates (N) must be >= 2 to form a pair"),
+        (args.k_draws >= 1, "--k-draws (K) must be >= 1"),
+        (0 < args.mix_alpha <= 1, "--mix-alpha must be in (0, 1]"),
+        (0 < args.keep_top <= 1, "--keep-top must be in (0, 1]"),
+        (args.beta > 0, "--beta must be > 0"),
+        (args.lr > 0, "--lr must be > 0"),
+        (args.micro_batch >= 1 and args.effective_batch % args.micro_batch == 0,
+         "--effective-batch must be a multiple of --micro-batch (>= 1)"),
+        (args.dpo_steps is None or args.dpo_steps >= 1, "--dpo-steps must be >= 1"),
+        (args.prompts_per_iter is None or args.prompts_per_iter >= 1,
+         "--prompts-per-iter must be >= 1"),
+        (0 <= args.cfg_dropout < 1, "--cfg-dropout must be in [0, 1)"),
+        (args.resolution >= 8 and args.resolution % 8 == 0, "--resolution must be a multiple of 8"),
+        (args.sample_steps >= 1, "--sample-steps must be >= 1"),
+        (args.warmup_steps >= 0, "--warmup-steps must be >= 0"),
+        (args.generation_batch >= 1 and args.reward_batch >= 1, "batch sizes must be >= 1"),
+        (args.eval_seeds >= 1, "--eval-seeds must be >= 1"),
+        (args.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
+        (args.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),
+        (args.tiny or not args.oracle_labels, "--oracle-labels needs the tiny world's annotator"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise InputError(message)
+    per_process = args.effective_batch // world
+    if args.effective_batch % world or per_process % min(args.micro_batch, per_process):
+        raise InputError(f"--effective-batch {args.effective_batch} must split evenly over {world} "
+                         f"process(es), and each share into --micro-batch {args.micro_batch} pairs")
+
+
+# Settings a resumed run may change: they decide how the work is split and saved, not what it computes.
+RESUME_MAY_CHANGE = ("resume", "checkpoint_every", "keep_checkpoints", "micro_batch",
+                     "generation_batch", "reward_batch")
+
+
+def saved_settings(folder, names):
+    """The settings `names` a run folder was started with (its config.json), for --resume."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"--resume {folder}: not a sail.py run folder ({path}: {error})")
+    missing = [name for name in names if name not in config]
+    if missing:
+        raise InputError(f"--resume {folder}: {path} lacks {', '.join(missing)}: not a run "
+                         "of this sail.py")
+    return {name: config[name] for name in names if name != "out"}
+
+
+def refuse_changes(args, saved):
+    """A resumed run keeps its settings: a flag given again must agree with config.json."""
+    changed = [f"--{name.replace('_', '-')} {getattr(args, name)} (the run has {saved[name]})"
+               for name in saved if name not in RESUME_MAY_CHANGE and getattr(args, name) != saved[name]]
+    if changed or (args.out and Path(args.out) != Path(args.resume)):
+        raise InputError(f"--resume {args.resume}: a resumed run keeps its settings: "
+                         + "; ".join(changed or [f"--out {args.out}"]))
+
+
+# =================================================================================================
+# Input files and the data of a run: read and checked before any work
+# =================================================================================================
+
+def read_seed_pairs(path):
+    """seed_pairs.json -> list of {prompt, chosen, rejected} with image paths made absolute.
+
+    Checks every entry and opens every image header now, so a bad file fails before any work.
+    """
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: cannot read: {error}")
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path}: not valid JSON: {error}")
+    if not isinstance(entries, list) or not entries:
+        raise InputError(f"{path}: expected a non-empty JSON list of "
+                         '{"prompt", "chosen", "rejected"} objects')
+    pairs = []
+    for i, entry in enumerate(entries):
+        where = f"{path}: entry {i}"
+        if not isinstance(entry, dict):
+            raise InputError(f"{where}: expected an object, got {type(entry).__name__}")
+        for key in ("prompt", "chosen", "rejected"):
+            if not isinstance(entry.get(key), str):
+                raise InputError(f"{where}: key '{key}' missing or not a string")
+        pair = {"prompt": entry["prompt"]}
+        for key in ("chosen", "rejected"):
+            image_path = path.parent / entry[key]  # relative to the JSON file (or absolute)
+            try:
+                with Image.open(image_path) as image:
+                    image.verify()
+            except (OSError, UnidentifiedImageError) as error:
+                raise InputError(f"{where}: {key} image {entry[key]} missing or unreadable: "
+                                 f"{type(error).__name__}")
+            pair[key] = str(image_path)
+        pairs.append(pair)
+    return pairs
+
+
+def read_prompts(path):
+    """prompts.txt -> list of prompts; blank lines and '#' comments are skipped."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: cannot read: {error}")
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise InputError(f"{path}: no prompts (only blank lines or # comments)")
+    return prompts
+
+
+def load_image(path, resolution):
+    """Image file -> (3, R, R) tensor in [-1, 1]: resize the short side, centre-crop."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        scale = resolution / min(image.size)
+        image = image.resize((max(resolution, round(image.width * scale)),
+                              max(resolution, round(image.height * scale))), Image.BICUBIC)
+        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return pixels.view(resolution, resolution, 3).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def to_pil(image):
+    """(3, H, W) tensor in [0, 1] -> PIL image."""
+    return Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
+
+
+def save_image(image, path):
+    """(3, H, W) tensor in [0, 1] -> PNG file."""
+    to_pil(image).save(path)
+
+
+# Real models without --seed-pairs / --prompts align on real data: a fixed Pick-a-Pic v2 subset,
+# sized so that `python sail.py --iters 2` takes about an hour on one 24 GB GPU (docs/real-models.md:
+# projected from the throughput measured on an H200).
+PICKAPIC_SEED_PAIRS = 1000
+PICKAPIC_PROMPTS_PER_ITER = 100
+HELDOUT_FRACTION, HELDOUT_MAX = 0.05, 500  # seed pairs kept out of training for judge_acc/heldout
+EVAL_PROMPTS = 4  # real models: the prompts of every stage's grid, never trained on
+
+
+def pickapic_data(args, world):
+    """The default data of a real model: paths of a cached Pick-a-Pic v2 subset's seed pairs and
+    prompts (pickapic.py streams it once; the next run reads the cache)."""
+    prompts = args.iters * args.prompts_per_iter + EVAL_PROMPTS
+    key = hashlib.sha256(repr((args.pickapic_dataset, PICKAPIC_SEED_PAIRS, prompts)).encode())
+    cache = Path(os.environ.get("SAIL_CACHE", Path.home() / ".cache" / "sail"))
+    folder = cache / f"pickapic-{key.hexdigest()[:12]}"
+    import pickapic  # beside sail.py; it imports `datasets` only when it reads one
+    try:
+        if world == 1 or torch.distributed.get_rank() == 0:  # one process downloads
+            pickapic.default_subset(args.pickapic_dataset, folder, PICKAPIC_SEED_PAIRS, prompts)
+    except pickapic.InputError as error:
+        raise InputError(f"the default data of a real model, a Pick-a-Pic v2 subset: {error}. "
+                         "Install datasets and allow the download once, or pass --seed-pairs "
+                         "and --prompts (pickapic.py converts Pick-a-Pic shards)")
+    if world > 1:
+        torch.distributed.barrier()
+    return str(folder / "seed_pairs.json"), str(folder / "prompts.txt")
+
+
+def split_heldout(seed_pairs, args):
+    """(seed pairs to train on, held-out human pairs): a file of its own, or a fixed 5% draw."""
+    if args.heldout_pairs == "none":
+        return seed_pairs, []
+    if args.heldout_pairs:
+        return seed_pairs, read_seed_pairs(args.heldout_pairs)
+    n = min(HELDOUT_MAX, int(HELDOUT_FRACTION * len(seed_pairs)))  # none below 20 seed pairs
+    held = set(random.Random(f"{args.seed}-heldout").sample(range(len(seed_pairs)), n))
+    return ([pair for i, pair in enumerate(seed_pairs) if i not in held],
+            [seed_pairs[i] for i in sorted(held)])
+
+
+def split_eval_prompts(prompts, seed_pairs, args):
+    """(prompts to train on, evaluation prompts). The tiny world evaluates its whole prompt set;
+    a real model, the file's last EVAL_PROMPTS prompts that no stage trains on."""
+    if args.tiny:
+        return prompts, tiny_world.PROMPTS
+    trained = {pair["prompt"] for pair in seed_pairs}
+    held = list(dict.fromkeys(p for p in reversed(prompts) if p not in trained))[:EVAL_PROMPTS]
+    if not held:
+        raise InputError(f"{args.prompts}: every prompt is also a seed pair's: none is left to "
+                         "evaluate on")
+    return [p for p in prompts if p not in held], held[::-1]
+
+
+def read_data(args, world):
+    """Seed pairs, held-out pairs, prompts and evaluation prompts, every entry checked."""
+    if not args.tiny and not (args.seed_pairs or args.prompts):
+        args.prompts_per_iter = args.prompts_per_iter or PICKAPIC_PROMPTS_PER_ITER
+        args.seed_pairs, args.prompts = pickapic_data(args, world)
+    elif not (args.seed_pairs and args.prompts):
+        raise InputError("--seed-pairs and --prompts go together: give both, or neither for "
+                         "the default data")
+    seed_pairs, heldout = split_heldout(read_seed_pairs(args.seed_pairs), args)
+    prompts = read_prompts(args.prompts)
+    if args.tiny:
+        for name, items in ((args.seed_pairs, [p["prompt"] for p in seed_pairs]),
+                            (args.prompts, prompts)):
+            for i, prompt in enumerate(items):
+                if tiny_world.parse_prompt(prompt) is None:
+                    raise InputError(f"{name}: entry {i}: {prompt!r} is not a tiny-world prompt "
+                                     f"({tiny_world.PROMPT_FORMAT})")
+    prompts, eval_prompts = split_eval_prompts(prompts, seed_pairs, args)
+    needed = args.iters * (args.prompts_per_iter or 1)
+    if len(prompts) < needed:
+        raise InputError(f"{args.prompts}: {len(prompts)} prompts to train on, but {args.iters} "
+                         f"iterations x {args.prompts_per_iter or 1} prompts need {needed}")
+    return dict(seed_pairs=seed_pairs, heldout=heldout, prompts=prompts, eval_prompts=eval_prompts)
+
+
+# =================================================================================================
+# Loading a pipeline
+# =================================================================================================
+
+def cannot_load(model, error):
+    """Offline, missing folder, not a pipeline: all the same to a user, one line naming --tiny."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return InputError(f"could not load --model {model}: {reason} "
+                      "(no network or weights? run with --tiny for the embedded tiny world)")
+
+
+def pipeline_class(model, supported):
+    """The pipeline class a hub id or folder declares (model_index.json), before loading weights."""
+    try:
+        name = DiffusionPipeline.load_config(model)["_class_name"]
+    except Exception as error:
+        raise cannot_load(model, error)
+    if name not in supported:
+        raise InputError(f"--model {model}: pipeline class {name} is not supported "
+                         f"(supported: {', '.join(supported)})")
+    return name
+
+
+def load_pipeline(model, device):
+    """A diffusers text-to-image pipeline (SD or SDXL) from a hub id or local folder, all frozen."""
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, safety_checker=None,
+                                                 requires_safety_checker=False)
+    except Exception as error:
+        raise cannot_load(model, error)
+    return prepare_pipeline(pipe, device)
+
+
+def prepare_pipeline(pipe, device):
+    """Quiet, on the device, every part frozen (training unfreezes the UNet it trains)."""
+    pipe.set_progress_bar_config(disable=True)  # we keep one bar per stage ourselves
+    pipe.to(device)
+    for part in pipe.components.values():  # text encoders, VAE, UNet
+        if isinstance(part, torch.nn.Module):
+            part.requires_grad_(False)
+    return pipe
+
+
+def base_model(args, run):
+    """The model to align: a hub id or folder, or the tiny world's base (shipped in tiny_base/;
+    each run keeps a copy, which --resume uses)."""
+    if not args.tiny:
+        return args.model
+    return str(run.out / "tiny_base") if args.resume else str(tiny_world.BASE)
+
+
+# =================================================================================================
+# The run folder and its processes (the three rules above)
+# =================================================================================================
+
+def seeded(seed, *keys):
+    """The generator of one unit of work, e.g. seeded(0, "iter_1", "candidate", 17, 3): no draw
+    depends on what ran before it, so resuming or splitting the work never changes a number."""
+    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def setup_processes():
+    """(rank, world size, device). Under torchrun: one process per GPU (NCCL), or per CPU (gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    # generous timeout: the other processes wait while process 0 evaluates and saves a stage
+    torch.distributed.init_process_group(backend, timeout=datetime.timedelta(hours=2))
+    return torch.distributed.get_rank(), world, device
+
+
+class Run:
+    """A run's output folder and the processes working on it.
+
+        out/config.json                      every setting: what --resume reads
+        out/metrics.jsonl                    one line per DPO step and per stage summary
+        out/<stage>/summary.json             written last: the stage is finished
+        out/iter_<i>/labelling.json          self-labelling progress: prompts done, pairs so far
+        out/checkpoints/<stage>-step<s>.pt   mid-stage UNet + optimizer, the newest --keep-checkpoints
+    """
+
+    def __init__(self, out, args, rank=0, world=1, device=torch.device("cpu")):
+        self.out, self.args = Path(out), args
+        self.rank, self.world, self.device, self.main = rank, world, device, rank == 0
+        self.stages = ["base"] + [f"iter_{i}" for i in range(args.iters + 1)]
+        self.stop = False  # set by Ctrl-C or SIGTERM, acted on at the next safe point
+        self.log_file = None
+
+    # --- files: process 0 writes, every process reads
+    def write(self, path, save):
+        """Process 0 writes `path` whole or not at all: save(temporary path), then a rename."""
+        if self.main:
+            temporary = path.with_name(path.name + ".tmp")
+            save(temporary)
+            os.replace(temporary, path)  # atomic: a kill leaves the old file or the new one
+
+    def write_json(self, path, value):
+        self.write(path, lambda temporary: temporary.write_text(json.dumps(value, indent=1) + "\n"))
+
+    def log(self, record):
+        if self.main:
+            self.log_file.write(json.dumps(record) + "\n")
+            self.log_file.flush()
+
+    def finished(self, stage):
+        return (self.out / stage / "summary.json").exists()
+
+    def save_checkpoint(self, stage, state):
+        """state: {"step", "unet", "optimizer", ...}; keeps the newest --keep-checkpoints files."""
+        folder = self.out / "checkpoints"
+        folder.mkdir(exist_ok=True)
+        self.write(folder / f"{stage}-step{state['step']:06d}.pt",
+                   lambda temporary: torch.save(state, temporary))
+        if self.main:
+            order = {name: i for i, name in enumerate(self.stages)}
+            saved = sorted(folder.glob("*-step*.pt"),
+                           key=lambda path: (order[path.stem.split("-step")[0]], path.stem))
+            for path in saved[:-self.args.keep_checkpoints]:
+                path.unlink()
+
+    def drop_checkpoints(self, stage):
+        """A finished stage's checkpoints: its saved UNet replaces them (SD 1.5: ~10 GB each)."""
+        for path in (self.out / "checkpoints").glob(f"{stage}-step*.pt"):
+            path.unlink()
+
+    def checkpoint_path(self, stage):
+        """The newest checkpoint file of `stage`, or None."""
+        saved = sorted((self.out / "checkpoints").glob(f"{stage}-step*.pt"))  # zero-padded steps
+        return saved[-1] if saved else None
+
+    def load_checkpoint(self, stage):
+        path = self.checkpoint_path(stage)
+        return torch.load(path, map_location="cpu", weights_only=True) if path else None
+
+    def open_log(self):
+        """Open metrics.jsonl. Resuming, first drop the lines logged after the saved state the run
+        continues from (they will be logged again), so the log reads as one uninterrupted run."""
+        path = self.out / "metrics.jsonl"
+        if self.main and path.exists():
+            current = next((stage for stage in self.stages if not self.finished(stage)), None)
+            checkpoint = self.checkpoint_path(current) if current else None
+            last_step = int(checkpoint.stem.split("-step")[1]) if checkpoint else 0  # no load
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by the kill
+                    continue
+                if record["stage"] != current or record.get("step", math.inf) <= last_step:
+                    kept.append(line + "\n")
+            self.write(path, lambda temporary: temporary.write_text("".join(kept)))
+        if self.main:
+            self.log_file = open(path, "a")
+        self.barrier()
+
+    def progress(self, **kwargs):
+        """A tqdm bar, shown by process 0 only (TQDM_DISABLE=1 hides it there too)."""
+        return tqdm(leave=False, **kwargs) if self.main else tqdm(disable=True, **kwargs)
+
+    # --- processes: every process calls these at the same points
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def gather(self, items):
+        """Every process's list of items, concatenated in rank order, in every process."""
+        if self.world == 1:
+            return items
+        lists = [None] * self.world
+        torch.distributed.all_gather_object(lists, items)
+        return [item for items in lists for item in items]
+
+    def mean(self, values):
+        """A tensor averaged over the processes."""
+        if self.world > 1:
+            values = values.to(self.device)
+            torch.distributed.all_reduce(values)
+            values = values.cpu() / self.world
+        return values
+
+    def stop_asked(self):
+        """Was any process asked to stop? All get the same answer, so all stop at the same step."""
+        flag = torch.tensor([float(self.stop)], device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def ask_to_stop(self, signum, frame):
+        """Signal handler: the first Ctrl-C (or SIGTERM) stops at the next safe point, a second at once."""
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+        if self.main:
+            print("\nstopping after the current step, saving progress (Ctrl-C again: stop at once)",
+                  file=sys.stderr, flush=True)
+
+
+    @contextlib.contextmanager
+    def stoppable(self):
+        """Ctrl-C and SIGTERM ask the run to stop at its next safe point while this block runs."""
+        handlers = {sig: signal.signal(sig, self.ask_to_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            if self.log_file:
+                self.log_file.close()
+
+
+def check_new_folder(out):
+    """A new run's folder must not hold anything yet, and must be creatable."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"--out {out}: already exists and is not empty; choose a new folder")
+    parent = nearest_existing(out.absolute().parent)
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise InputError(f"--out {out}: cannot create it, {parent} is not a writable folder")
+
+
+def nearest_existing(path):
+    """`path`, or its nearest folder above it that exists: where the run's files will go."""
+    return next(folder for folder in [path, *path.absolute().parents] if folder.exists())
+
+
+def check_disk_space(out, unet, args):
+    """Refuse to start a run the disk cannot hold: a UNet per stage plus the kept checkpoints."""
+    unet_bytes = 4 * sum(p.numel() for p in unet.parameters())                   # fp32
+    optimizer_states = 2 if args.optimizer == "adamw" else 1  # AdamW: 2 moments; Adafactor: <= 1
+    checkpoints = (args.keep_checkpoints + 1) * (1 + optimizer_states)  # + 1 while the next is written
+    needed = unet_bytes * (args.iters + 1 + checkpoints)
+    free = shutil.disk_usage(nearest_existing(out)).free
+    if needed > free:
+        raise InputError(f"--out {out}: the run writes about {needed / 1e9:.1f} GB (a UNet per "
+                         f"stage, {args.keep_checkpoints} checkpoints) but {free / 1e9:.1f} GB "
+                         "are free")
+
+
+def write_config(args, run):
+    """A new run's folder: config.json (what --resume reads) and, tiny world, its base model."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    if args.tiny:
+        shutil.copytree(tiny_world.BASE, run.out / "tiny_base")  # the run folder is self-contained
+    config = {**dataclasses.asdict(args), "model_path": str(run.out / "tiny_base") if args.tiny else args.model,
+              "device": str(run.device), "processes": run.world, "torch": torch.__version__,
+              "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+    run.write_json(run.out / "config.json", config)
+
+
+FILES = ("chosen", "rejected", "chosen_latents", "rejected_latents")  # a pair's file keys
+
+
+def pair_paths(pair, change):
+    """The pair with change(path) applied to each of its files (absolute <-> relative)."""
+    return {**pair, **{key: change(pair[key]) for key in FILES if key in pair}}
+
+
+def save_pairs_json(run, stage, self_pairs):
+    """<stage>/pairs.json: the self-labelled pairs, files relative to the stage's folder."""
+    folder = run.out / stage
+    folder.mkdir(exist_ok=True)  # "--pairs none" labels nothing: no pairs/ folder was made
+    run.write_json(folder / "pairs.json", [
+        pair_paths(p, lambda path: os.path.relpath(path, folder)) for p in self_pairs])
+
+
+def saved_unet(run, stage):
+    """A finished stage's model, fp32 as saved."""
+    return UNet2DConditionModel.from_pretrained(run.out / stage / "unet")
+
+
+def last_loss_scale(run, i):
+    """fp16: iteration i starts from the loss scale the stage before ended with."""
+    return json.loads((run.out / f"iter_{i - 1}" / "summary.json").read_text()).get(
+        "loss_scale", 2.0 ** 16)

@@ -382,19 +382,21 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="tiny_world.py", description=__doc__.split("\n\n")[0],
                                      allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
-    make = commands.add_parser("pretrain", help="pretrain the tiny base (about 3.5 min on 2 CPU "
+    make = commands.add_parser("pretrain", help="pretrain the tiny base (about 3 min on 2 CPU "
                                "cores) and compare it with the shipped tiny_base/")
     make.add_argument("--out", default="tiny_base-rebuilt",
                       help="folder to write, must not exist (to replace the shipped base: "
                            "rm -r tiny_base, then --out tiny_base) (default: %(default)s)")
     make.add_argument("--steps", type=int, default=PRETRAIN_STEPS,
                       help="steps of the autoencoder and of the UNet each (default: %(default)s)")
-    make.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    make.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of every "
+                      "draw; the shipped base: 0 (default: %(default)s)")
     pairs = commands.add_parser("seed-pairs", help="draw and label the seed and held-out pairs, "
                                 "and compare them with the shipped ones")
     pairs.add_argument("--out", default="seed-pairs-rebuilt",
                        help="folder to write, must not exist (default: %(default)s)")
-    pairs.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    pairs.add_argument("--seed", type=int, default=0, help="seed of every draw; the shipped pairs: 0 "
+                       "(default: %(default)s)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.exists():

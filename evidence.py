@@ -66,7 +66,8 @@ def condition_flags(iters, dpo_steps, extra=()):
 CONDITIONS = condition_flags(4, sail.TINY_PRESET["dpo_steps"])  # SAIL: 4 iterations
 # The quick size: every condition and every line of the study, at toy cost.
 QUICK_CONDITIONS = condition_flags(1, 2, ["--n-candidates", "2", "--k-draws", "1",
-                                          "--prompts-per-iter", "2", "--eval-seeds", "1"])
+                                          "--prompts-per-iter", "2", "--eval-seeds", "1",
+                                          "--effective-batch", "8", "--micro-batch", "8"])
 CLAIMS = [  # (claim, control, expected sign of SAIL minus control), paired by seed
     ("SAIL improves on the base model", "base", +1),
     ("SAIL beats single-round seed-only DPO with the same steps", "single-round-seed-dpo", +1),

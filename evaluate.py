@@ -180,11 +180,7 @@ def score_stage(pipe, args, prompts, seeds, metrics, scorers):
     per_image = [p for p in prompts for _ in range(seeds)]
     scores = {}
     if "annotator" in metrics:
-        annotator = tiny_world.annotator_score(images.cpu(), per_image)
-        seen = torch.tensor([p in tiny_world.SEEN for p in per_image])
-        scores.update({"annotator": annotator, "annotator/seen": annotator[seen],
-                       "annotator/unseen": annotator[~seen],
-                       "fidelity": tiny_world.fidelity(images.cpu(), per_image).float()})
+        scores.update(tiny_world.sample_scores(images.cpu(), per_image))
     for name in ("pickscore", "aesthetic"):
         if name in metrics:
             scores[name] = scorers[name](images, per_image).cpu()

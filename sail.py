@@ -817,7 +817,8 @@ def evaluate(pipe, args, folder, eval_prompts):
     save_grid(images, args.eval_seeds, folder / "grid.png")
     if not args.tiny:
         return {}
-    return tiny_world.sample_scores(images.cpu(), [p for p in eval_prompts for _ in range(args.eval_seeds)])
+    scores = tiny_world.sample_scores(images.cpu(), [p for p in eval_prompts for _ in range(args.eval_seeds)])
+    return {name: per_image.mean().item() for name, per_image in scores.items()}
 
 
 def save_grid(images, seeds, path, tile=64):

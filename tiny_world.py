@@ -129,13 +129,12 @@ def fidelity(images, prompts):
 
 
 def sample_scores(images, prompts):
-    """What a stage's samples (B, 3, 16, 16) earn: the annotator (all, seen and unseen prompts)
-    and the fraction that still shows its prompt."""
+    """What each of a stage's samples (B, 3, 16, 16) earns: the annotator's score (all, seen and
+    unseen prompts) and whether it still shows its prompt (fidelity, 0 or 1)."""
     score = annotator_score(images, prompts)
     seen = torch.tensor([p in SEEN for p in prompts])
-    return {"annotator": score.mean().item(), "annotator/seen": score[seen].mean().item(),
-            "annotator/unseen": score[~seen].mean().item(),
-            "fidelity": fidelity(images, prompts).float().mean().item()}
+    return {"annotator": score, "annotator/seen": score[seen], "annotator/unseen": score[~seen],
+            "fidelity": fidelity(images, prompts).float()}
 
 
 # =================================================================================================
@@ -360,8 +359,8 @@ def differences(new, shipped):
             found.append(f"{other} is missing")
         elif path.suffix == ".safetensors":
             a, b = load_file(path), load_file(other)
-            gap = max((a[k] - b[k]).abs().max().item() if k in b and a[k].shape == b[k].shape
-                      else math.inf for k in a)
+            gap = max((a[k] - b[k]).abs().max().item() if k in a and k in b and a[k].shape == b[k].shape
+                      else math.inf for k in a.keys() | b.keys())  # a missing tensor differs too
             if gap > 0:
                 found.append(f"{path.relative_to(new)}: largest |weight difference| {gap:.3g}")
         elif path.read_bytes() != other.read_bytes():

@@ -274,9 +274,11 @@ def run(bench, quick, rows, latent_sizes):
         record("scaling: dpo", "batch", value, value, "pairs", bench.dpo_step(value))
 
 
-# The memory options of sail.py, each measured alone: (precision, gradient checkpointing, optimizer)
-MEMORY_OPTIONS = [("fp32", False, "adamw"), ("fp32", True, "adamw"), ("bf16", False, "adamw"),
-                  ("bf16", True, "adamw"), ("bf16", True, "adafactor")]
+# The memory options of sail.py, each measured alone:
+# (precision, gradient checkpointing, optimizer, LoRA rank; 0 = full fine-tuning)
+MEMORY_OPTIONS = [("fp32", False, "adamw", 0), ("fp32", True, "adamw", 0), ("bf16", False, "adamw", 0),
+                  ("bf16", True, "adamw", 0), ("bf16", True, "adafactor", 0),
+                  ("fp32", False, "adamw", 8), ("bf16", False, "adamw", 8), ("bf16", True, "adamw", 8)]
 
 
 def memory(device, pairs, resolution, out):
@@ -284,20 +286,22 @@ def memory(device, pairs, resolution, out):
 
     The whole training stage as sail.py holds it: theta (fp32) with its gradients and optimizer
     state, the frozen reference UNet, VAE and text encoder in --precision, activations of a
-    micro-batch of `pairs` pairs. Fresh models for every option.
+    micro-batch of `pairs` pairs; with LoRA, the adapters' gradients and optimizer state and no
+    reference UNet (sail.begin_round). Fresh models for every option.
     """
     seed_pairs = plumbing.read_seed_pairs(Path(__file__).parent / "seed_pairs.json")
     rows = []
-    for precision, checkpointing, optimizer in MEMORY_OPTIONS:
+    for precision, checkpointing, optimizer, lora_rank in MEMORY_OPTIONS:
         with tempfile.TemporaryDirectory() as scratch:
             pipe = plumbing.prepare_pipeline(sd15_shaped_pipeline(Path(scratch)), device)
             args = sail.Args(resolution=resolution, precision=precision, optimizer=optimizer,
                              gradient_checkpointing=checkpointing, effective_batch=pairs,
-                             micro_batch=pairs, dpo_steps=1, lr=1e-6, checkpoint_every=2)
+                             micro_batch=pairs, dpo_steps=1, lr=1e-6, checkpoint_every=2,
+                             lora_rank=lora_rank)
             sail.cast_frozen_models(pipe, precision)
             if checkpointing:
                 pipe.unet.enable_gradient_checkpointing()
-            ref = sail.frozen_copy(pipe.unet, precision)
+            ref = sail.begin_round(pipe, args, "iter_0", sail.frozen_copy(pipe.unet, precision))
             run = sail.Run(scratch, args)
             run.open_log()
             reset_peak_memory(device)
@@ -305,7 +309,7 @@ def memory(device, pairs, resolution, out):
             sail.diffusion_dpo(pipe, ref, seed_pairs, args, "iter_0", run)
             seconds = time.perf_counter() - started
             row = {"precision": precision, "gradient_checkpointing": checkpointing,
-                   "optimizer": optimizer, "pairs": pairs, "seconds": seconds,
+                   "optimizer": optimizer, "lora_rank": lora_rank, "pairs": pairs, "seconds": seconds,
                    "peak_gib": peak_memory_mb(device) / 1024}
             run.log_file.close()
             del pipe, ref, run
@@ -317,10 +321,11 @@ def memory(device, pairs, resolution, out):
                else f"CPU, {torch.get_num_threads()} threads, peak resident memory")
     lines = [f"Machine: {machine}; torch {torch.__version__}; SD 1.5-shaped, random weights, "
              f"{resolution} px; one DPO step of {pairs} pair(s).", "",
-             "| precision | gradient checkpointing | optimizer | peak GiB | seconds |",
-             "|---|---|---|---|---|"]
+             "| precision | gradient checkpointing | optimizer | LoRA rank | peak GiB | seconds |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {r['precision']} | {'yes' if r['gradient_checkpointing'] else 'no'} | "
-              f"{r['optimizer']} | {r['peak_gib']:.1f} | {r['seconds']:.1f} |" for r in rows]
+              f"{r['optimizer']} | {r['lora_rank'] or 'full'} | {r['peak_gib']:.1f} | "
+              f"{r['seconds']:.1f} |" for r in rows]
     out.mkdir(parents=True)
     (out / "memory.md").write_text("\n".join(lines) + "\n")
     with open(out / "memory.csv", "w", newline="") as handle:

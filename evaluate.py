@@ -142,7 +142,8 @@ def parse(argv):
         args.precision = args.precision or "fp32"  # runs of an older sail.py did not record it
     except (OSError, json.JSONDecodeError, TypeError) as error:
         raise sail.InputError(f"{run}: not a sail.py run folder (config.json: {error})")
-    stages = sorted((p.parent.name for p in run.glob("iter_*/unet")), key=lambda s: int(s[5:]))
+    saved = "lora" if args.lora_rank else "unet"  # a LoRA run saves each stage's adapters
+    stages = sorted((p.parent.name for p in run.glob(f"iter_*/{saved}")), key=lambda s: int(s[5:]))
     stages = ["base", *stages]
     if options.models:
         wanted = options.models.split(",")
@@ -171,6 +172,20 @@ def parse(argv):
     if out.exists():
         raise sail.InputError(f"--out {out}: already exists; choose a new folder")
     return options, args, config, stages, metrics, prompts, out
+
+
+def use_adapters(pipe, run, stage):
+    """A LoRA run's stage iter_i: the base with the adapters of rounds 0..i on, as the README
+    loads it; the base: every adapter off."""
+    rounds = [] if stage == "base" else [f"iter_{i}" for i in range(int(stage[5:]) + 1)]
+    for name in rounds:
+        if name not in getattr(pipe.unet, "peft_config", {}):
+            pipe.load_lora_weights(run / name / "lora", adapter_name=name)
+    if rounds:
+        pipe.enable_lora()
+        pipe.set_adapters(rounds)
+    elif getattr(pipe.unet, "peft_config", None):
+        pipe.disable_lora()
 
 
 def score_stage(pipe, args, prompts, seeds, metrics, scorers):
@@ -206,8 +221,11 @@ def main(argv=None):
     base_unet = pipe.unet
     rows = []
     for stage in stages:
-        pipe.unet = base_unet if stage == "base" else UNet2DConditionModel.from_pretrained(
-            Path(options.run) / stage / "unet").to(device)
+        if args.lora_rank:
+            use_adapters(pipe, Path(options.run), stage)
+        else:
+            pipe.unet = base_unet if stage == "base" else UNet2DConditionModel.from_pretrained(
+                Path(options.run) / stage / "unet").to(device)
         scores = score_stage(pipe, args, prompts, options.seeds, metrics, scorers)
         row = {"model": stage, "prompts": len(prompts), "images": len(prompts) * options.seeds}
         for name, values in scores.items():

@@ -34,8 +34,8 @@ BANNER = "# Wiring: what each step of a whole run is given"
 # (name, the text of sail.py that changes -- unique --, what it becomes). Issue 18's classes first.
 MUTANTS = [
     # 1. the DPO reference of an iteration is not the model the iteration started from
-    ("ref-not-refreshed", "ref_unet = frozen_copy(pipe.unet, args.precision)",
-     "ref_unet = base_unet.to(pipe.device)"),
+    ("ref-not-refreshed", "ref_unet = begin_round(pipe, args, stage)",
+     "ref_unet = begin_round(pipe, args, stage, base_unet)"),
     # 2. --reward-ref prev takes the wrong stage (the current model: every prompt ties)
     ("reward-ref-prev-wrong-stage", 'saved_unet(run, f"iter_{i - 1}"), args.reward_precision)',
      'saved_unet(run, f"iter_{i}"), args.reward_precision)'),
@@ -89,8 +89,8 @@ MUTANTS = [
     # 10. the reference errors come from the trained UNet (every logit 0, loss stuck at ln 2)
     ("ref-errors-from-theta", "err_ref = denoising_error(ref_unet, scheduler, x0, *shared, cond)",
      "err_ref = denoising_error(model, scheduler, x0, *shared, cond)"),
-    ("optimizer-on-the-reference", "optimizer = make_optimizer(unet.parameters(), args)",
-     "optimizer = make_optimizer(ref_unet.parameters(), args)"),
+    ("optimizer-on-the-reference", "optimizer = make_optimizer(list(trained.values()), args)",
+     "optimizer = make_optimizer(list(ref_unet.parameters()), args)"),
     ("ref-errors-winner-loser-swapped", "*err_theta.chunk(2), *err_ref.chunk(2), beta)",
      "*err_theta.chunk(2), *err_ref.chunk(2)[::-1], beta)"),
     # 11. seed-pair latents lose the VAE scaling factor
@@ -107,16 +107,17 @@ MUTANTS = [
     ("mixup-ranks-by-winner-reward",
      'key=lambda p: p["reward_chosen"] - p["reward_rejected"],', 'key=lambda p: p["reward_chosen"],'),
     # 15. a resumed run continues from the first finished stage's model instead of the last
-    ("resume-from-first-finished", "saved_unet(run, finished[-1])", "saved_unet(run, finished[0])"),
+    ("resume-from-first-finished", "saved_unet(run, finished[-1])", "saved_unet(run, finished[0])",
+     "plumbing.py"),
     # other wiring: the iteration trains on seed pairs only (self-labelling has no effect)
     ("iteration-trains-on-seed-pairs", "diffusion_dpo(pipe, ref_unet, mixed, args, stage, run,",
      "diffusion_dpo(pipe, ref_unet, seed_pairs, args, stage, run,"),
     ("k-draws-ignored", "args.beta, args.k_draws, generator, args.reward_batch)",
      "args.beta, 1, generator, args.reward_batch)"),
-    ("every-stage-saves-the-base", 'pipe.unet.save_pretrained(folder / "unet")',
-     'base_unet.save_pretrained(folder / "unet")'),
-    ("checkpoint-loaded-into-the-reference", 'unet.load_state_dict(checkpoint["unet"])',
-     'ref_unet.load_state_dict(checkpoint["unet"])'),
+    ("every-stage-saves-the-base", "save_model(pipe, args, folder, stage)",
+     "save_model(type(pipe)(**{**pipe.components, 'unet': judge_base}), args, folder, stage)"),
+    ("checkpoint-loaded-into-the-reference", 'unet.load_state_dict({**unet.state_dict(), **checkpoint["unet"]})',
+     'ref_unet.load_state_dict({**unet.state_dict(), **checkpoint["unet"]})'),
     # expected to survive: with one micro-batch per step, clip + AdamW are blind to a loss scale
     ("micro-batch-loss-not-averaged", "scaler.scale(loss / len(mine)).backward()",
      "scaler.scale(loss).backward()"),
@@ -125,12 +126,26 @@ MUTANTS = [
      "return (list(seed_pairs),", "plumbing.py"),
     ("eval-prompts-also-trained", "return [p for p in prompts if p not in held], held[::-1]",
      "return prompts, held[::-1]", "plumbing.py"),
-    ("judge-acc-against-the-current-model", "judge_base, run.stages.index(stage) - 1)",
-     "judge_base, run.stages.index(stage))"),
+    ("judge-acc-against-the-current-model", "judge_base, run.stages.index(stage) - 1,",
+     "judge_base, run.stages.index(stage),"),
     ("warmup-ignored", "lr = args.lr * min(1.0, (step + 1) / (warmup + 1))", "lr = args.lr"),
     ("fp16-overflow-skipped-not-redone", "if scaler.get_scale() >= scale:  # the step was taken",
      "if True:"),
     ("fp16-scale-not-carried", '"loss_scale", 2.0 ** 16)', '"no such key", 2.0 ** 16)', "plumbing.py"),
+    # LoRA (issue 14): the reference is the UNet with its adapters off, rounds merge, stages load
+    ("lora-reference-keeps-adapters-on", "self.unet.disable_adapters()", "pass", "plumbing.py"),
+    ("lora-previous-round-dropped-not-merged", "unet.fuse_lora()", "pass", "plumbing.py"),
+    ("lora-trains-every-weight", "if not args.lora_rank:  # LoRA: only the adapters",
+     "if True:  # LoRA: only the adapters"),
+    ("lora-init-from-the-global-rng", 'torch.manual_seed(seeded(args.seed, stage, "lora").initial_seed())',
+     "pass", "plumbing.py"),
+    ("lora-alpha-ignored", "lora_alpha=args.lora_alpha or args.lora_rank,", "lora_alpha=args.lora_rank,",
+     "plumbing.py"),
+    ("lora-resume-loads-only-the-last-round", "    for stage in stages:",
+     "    for stage in stages[-1:]:", "plumbing.py"),
+    ("lora-reward-ref-prev-is-the-current-model", "return AdaptersOff(unet)", "return unet"),
+    ("checkpoint-not-restored", 'unet.load_state_dict({**unet.state_dict(), **checkpoint["unet"]})',
+     "pass"),
 ]
 
 

@@ -18,6 +18,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import datetime
 import difflib
@@ -143,10 +144,16 @@ def check_settings(args, world):
         (args.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
         (args.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),
         (args.tiny or not args.oracle_labels, "--oracle-labels needs the tiny world's annotator"),
+        (args.lora_rank >= 0, "--lora-rank must be >= 0 (0: full fine-tuning)"),
+        (args.lora_alpha is None or args.lora_alpha > 0, "--lora-alpha must be > 0"),
+        (args.lora_rank or not args.save_merged,
+         "--save-merged needs --lora-rank (full fine-tuning always saves the whole UNet)"),
     ]
     for ok, message in checks:
         if not ok:
             raise InputError(message)
+    if args.lora_rank:
+        peft()  # installed?
     per_process = args.effective_batch // world
     if args.effective_batch % world or per_process % min(args.micro_batch, per_process):
         raise InputError(f"--effective-batch {args.effective_batch} must split evenly over {world} "
@@ -389,6 +396,102 @@ def base_model(args, run):
 
 
 # =================================================================================================
+# LoRA (--lora-rank): the same algorithm with fewer trained weights and no second UNet
+# =================================================================================================
+# Adapters on the UNet's attention projections, as the diffusers Diffusion-DPO example trains them
+# (examples/research_projects/diffusion_dpo/train_diffusion_dpo.py: LoraConfig(r=rank,
+# lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_MODULES); its README: rank 8).
+# Only the adapters train, so the UNet's own weights need neither gradients nor AdamW moments.
+LORA_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+# The default lr: adapters start at B = 0 and need larger steps than full fine-tuning. Real
+# models: the same example's 1e-5 (batch 32); the tiny world: searched (docs/lora.md).
+LORA_LR = {"real": 1e-5, "tiny": 1e-3}
+
+
+def peft():
+    """peft, optional: imported only when --lora-rank asks for it."""
+    try:
+        import peft
+    except ImportError:
+        raise InputError("--lora-rank needs the peft package: pip install peft") from None
+    return peft
+
+
+def check_lora(unet, args):
+    """Before anything is written: the UNet has modules LoRA adapts."""
+    if not any(name == target or name.endswith("." + target)  # peft's own matching rule
+               for name, _ in unet.named_modules() for target in LORA_MODULES):
+        raise InputError(f"--lora-rank: the UNet of {args.model} has none of the attention "
+                         f"projections LoRA adapts ({', '.join(LORA_MODULES)})")
+
+
+class AdaptersOff:
+    """The trained UNet with its adapters switched off, called like a UNet. Every earlier round's
+    adapters are merged into its weights (begin_lora_round), so this is exactly the model the
+    current round started from: Eq. DPO's reference without a second UNet in memory."""
+
+    def __init__(self, unet):
+        self.unet = unet
+
+    device = property(lambda self: self.unet.device)
+    dtype = property(lambda self: self.unet.dtype)
+
+    def to(self, *_):  # it lives wherever the trained UNet does
+        return self
+
+    def __call__(self, *args, **kwargs):
+        self.unet.disable_adapters()
+        try:
+            return self.unet(*args, **kwargs)
+        finally:
+            self.unet.enable_adapters()
+
+
+def merge_adapters(unet):
+    """Fold the UNet's adapters into its weights, W <- W + (alpha / r) B A, and remove them."""
+    if getattr(unet, "peft_config", None):
+        unet.fuse_lora()
+        unet.unload_lora()
+
+
+def begin_lora_round(unet, args, stage):
+    """Round `stage` starts: the last round's adapters are merged and fresh ones train (B = 0, so
+    theta == ref at step 1). Returns Eq. DPO's reference: the UNet with its adapters off."""
+    merge_adapters(unet)
+    config = peft().LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank,
+                               init_lora_weights="gaussian", target_modules=LORA_MODULES)
+    with torch.random.fork_rng(devices=[]):  # A ~ N(0, 1/r^2) from the round's own generator
+        torch.manual_seed(seeded(args.seed, stage, "lora").initial_seed())
+        unet.add_adapter(config, adapter_name=stage)
+    return AdaptersOff(unet)
+
+
+def save_adapters(pipe, folder, stage):
+    """<folder>/pytorch_lora_weights.safetensors, with the adapters' rank and alpha: what
+    pipe.load_lora_weights(folder, adapter_name=stage) reads."""
+    state = peft().utils.get_peft_model_state_dict(pipe.unet, adapter_name=stage)
+    type(pipe).save_lora_weights(folder, unet_lora_layers=state,
+                                 unet_lora_adapter_metadata=pipe.unet.peft_config[stage].to_dict())
+
+
+def merged_copy(unet):
+    """A CPU copy of the UNet with its adapters merged (--save-merged); training keeps its own."""
+    device = unet.device
+    merged = copy.deepcopy(unet.to("cpu"))
+    unet.to(device)
+    merge_adapters(merged)
+    return merged
+
+
+def restore_adapters(pipe, out, stages):
+    """Resuming: the base plus every finished stage's adapters, merged in order as training merged
+    them, the last still unmerged: the state the run was in when its last stage finished."""
+    for stage in stages:
+        merge_adapters(pipe.unet)
+        pipe.load_lora_weights(out / stage / "lora", adapter_name=stage)
+
+
+# =================================================================================================
 # The run folder and its processes (the three rules above)
 # =================================================================================================
 
@@ -573,7 +676,9 @@ def check_disk_space(out, unet, args):
     unet_bytes = 4 * sum(p.numel() for p in unet.parameters())                   # fp32
     optimizer_states = 2 if args.optimizer == "adamw" else 1  # AdamW: 2 moments; Adafactor: <= 1
     checkpoints = (args.keep_checkpoints + 1) * (1 + optimizer_states)  # + 1 while the next is written
-    needed = unet_bytes * (args.iters + 1 + checkpoints)
+    # LoRA: checkpoints and adapters are a few MB; a stage's UNet only with --save-merged
+    needed = unet_bytes * ((args.iters + 1) * (not args.lora_rank or args.save_merged)
+                           + checkpoints * (not args.lora_rank))
     free = shutil.disk_usage(nearest_existing(out)).free
     if needed > free:
         raise InputError(f"--out {out}: the run writes about {needed / 1e9:.1f} GB (a UNet per "
@@ -617,3 +722,34 @@ def last_loss_scale(run, i):
     """fp16: iteration i starts from the loss scale the stage before ended with."""
     return json.loads((run.out / f"iter_{i - 1}" / "summary.json").read_text()).get(
         "loss_scale", 2.0 ** 16)
+
+
+def restore_model(pipe, args, run, finished):
+    """Resuming: the current model is the last finished stage's: its saved UNet, or with LoRA the
+    base plus every finished stage's adapters, merged as training merged them."""
+    if args.lora_rank:
+        restore_adapters(pipe, run.out, finished)
+    else:
+        pipe.unet.load_state_dict(saved_unet(run, finished[-1]).state_dict())
+
+
+def save_model(pipe, args, folder, stage):
+    """<stage>/unet, loads with UNet2DConditionModel.from_pretrained. LoRA: <stage>/lora, the
+    round's adapters (README: stage i = base + adapters 0..i), and unet/ with --save-merged."""
+    if args.lora_rank:
+        save_adapters(pipe, folder / "lora", stage)
+    if args.save_merged or not args.lora_rank:
+        (merged_copy(pipe.unet) if args.lora_rank else pipe.unet).save_pretrained(folder / "unet")
+
+
+def explain_the_mix(args, run, stage, self_pairs, ties, n_seed, seed_pairs):
+    """Say when the mixed set is not what the settings asked for, and why."""
+    if run.main and args.pairs != "none" and not self_pairs:
+        print(f"note: {stage}: all {ties} prompts tied: each prompt's {args.n_candidates} "
+              f"Eq. 8 rewards were equal within float tolerance, so the model still denoises "
+              f"exactly like its reward reference ({args.reward_ref}): training has not moved "
+              f"it (lr {args.lr:.3g}, {args.dpo_steps or 'one pass of'} DPO steps). Raise "
+              "--lr or --dpo-steps. Training on the seed pairs only", flush=True)
+    if run.main and n_seed > seed_pairs:
+        print(f"note: {stage} needs {n_seed} seed pairs but there are {seed_pairs}: drawing "
+              "them with replacement", flush=True)

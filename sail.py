@@ -34,13 +34,14 @@ Run it:
     python sail.py --tiny --iters 2       # the tiny world anywhere (2 CPU cores: about 45 s)
     python sail.py --model ./my-sd15 ...  # any local diffusers folder or hub id
     python sail.py --resume runs/sd-...   # continue a killed or Ctrl-C'd run where it stopped
+    python sail.py --lora-rank 8          # LoRA adapters: no second UNet, far less memory
     torchrun --nproc_per_node=8 sail.py   # 8 GPUs: generation, ranking and DPO split 8 ways
     python sail.py --help                 # every setting with its paper value
 
-Layout and budget (keep both): settings; PART 1, the algorithm in run order (sections 1-6), all
-in the file's first half; PART 2, plumbing the algorithm calls (sections 7-12). At most 1,000
-lines, no function over 60. Beside it: tiny_world.py (the offline world, never imports sail.py);
-plumbing.py (command line, input files, loading, run folder, resume, torchrun, Ctrl-C).
+Layout and budget (keep both): settings; PART 1, the algorithm in run order (sections 1-6), in
+the file's first half; PART 2, plumbing it calls (7-12). At most 1,000 lines, no function over 60.
+Beside it: tiny_world.py (the offline world); plumbing.py (command line, files, loading, LoRA,
+run folder, resume, torchrun, Ctrl-C).
 """
 
 import os
@@ -67,11 +68,13 @@ import transformers
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionXLPipeline
 
 import tiny_world
-from plumbing import (InputError, Interrupted, Run, TrainingDiverged, absolute_paths, base_model,
-                      check_disk_space, check_new_folder, check_settings, default_precision, flag_parser,
+from plumbing import (LORA_LR, AdaptersOff, InputError, Interrupted, Run, TrainingDiverged,
+                      absolute_paths, base_model, begin_lora_round, check_disk_space, check_lora,
+                      check_new_folder, check_settings, default_precision, explain_the_mix, flag_parser,
                       last_loss_scale, load_image, load_pipeline, pair_paths, parse_flags,
-                      pipeline_class, read_data, refuse_changes, save_image, save_pairs_json,
-                      saved_settings, saved_unet, seeded, setup_processes, write_config)
+                      pipeline_class, read_data, refuse_changes, restore_model, save_image,
+                      save_model, save_pairs_json, saved_unet, saved_settings, seeded,
+                      setup_processes, write_config)
 
 
 # =================================================================================================
@@ -104,33 +107,28 @@ class Args:
     iters: int = field(default=3, metadata={
         "help": "SAIL iterations after step 0 (paper: 3 for SD 1.5, 2 for SDXL)"})
     prompts_per_iter: Optional[int] = field(default=None, metadata={
-        "help": "new prompts per iteration (paper: 10K, 20K, 20K; unset: the prompts file split "
-                "evenly over the iterations)"})
+        "help": "new prompts per iteration (paper: 10K, 20K, 20K; unset: the file split evenly)"})
     n_candidates: int = field(default=8, metadata={"help": "N, images per prompt (paper: 8)"})
     k_draws: int = field(default=10, metadata={
         "help": "K, (t, noise) draws of the implicit reward, Eq. 8 (paper: 10)"})
-    beta: float = field(default=5000.0, metadata={
-        "help": "beta of Eq. DPO and Eq. 8 (paper: 5000)"})
+    beta: float = field(default=5000.0, metadata={"help": "beta of Eq. DPO and Eq. 8 (paper: 5000)"})
     mix_alpha: float = field(default=0.25, metadata={
-        "help": "alpha, fraction of self-labelled pairs in each mixed set (paper: 0.25; 1 = no "
-                "mixup)"})
+        "help": "alpha, the self-labelled fraction of each mixed set (paper: 0.25; 1 = no mixup)"})
     keep_top: float = field(default=1.0, metadata={
         "help": "keep this top fraction of self-labelled pairs, ranked by confidence (our choice)"})
     pairs: Literal["best-worst", "random", "none"] = field(default="best-worst", metadata={
         "help": "which candidates form a pair (paper: best-worst; random is its ablation; none is "
                 "the control 'iterative seed-only DPO': no self-labelling, seed pairs each round)"})
     reward_ref: Literal["base", "prev"] = field(default="base", metadata={
-        "help": "reference of the implicit reward: the base model, or the previous round's DPO "
-                "reference (our choice, SPEC 2c)"})
+        "help": "Eq. 8's reference: the base, or the previous round's DPO reference (SPEC 2c)"})
     # --- Diffusion-DPO training
-    effective_batch: int = field(default=128, metadata={
-        "help": "pairs per optimizer step (paper: 128)"})
+    effective_batch: int = field(default=128, metadata={"help": "pairs per optimizer step (paper: 128)"})
     micro_batch: int = field(default=8, metadata={
         "help": "pairs per forward pass; gradients accumulate up to --effective-batch"})
     optimizer: Literal["adamw", "adafactor"] = field(default="adamw", metadata={
         "help": "optimizer (paper: AdamW for SD 1.5, Adafactor for SDXL)"})
     lr: Optional[float] = field(default=None, metadata={
-        "help": "learning rate (unset: 1e-8 x effective batch, the Diffusion-DPO rule)"})
+        "help": "learning rate (unset: 1e-8 x effective batch, the Diffusion-DPO rule; LoRA: 1e-5)"})
     dpo_steps: Optional[int] = field(default=None, metadata={
         "help": "optimizer steps per DPO stage (unset: one pass over the stage's pairs)"})
     warmup_steps: int = field(default=500, metadata={
@@ -151,15 +149,13 @@ class Args:
         "help": "images per evaluation prompt in every stage's grid (the same noise every stage)"})
     # --- a control of the tiny world
     oracle_labels: bool = field(default=False, metadata={
-        "help": "tiny world only: the hidden annotator re-labels each self-labelled pair "
-                "('all-labels DPO', the paper's full-human-data reference)"})
+        "help": "tiny world: the hidden annotator re-labels each self-labelled pair ('all-labels DPO')"})
     # --- a long job: resume, memory (plumbing; none of these changes the algorithm)
     resume: Optional[str] = field(default=None, metadata={
         "help": "continue the interrupted run in this folder where it stopped (its config.json "
                 "holds every setting; a flag given again must agree with it)"})
     checkpoint_every: int = field(default=50, metadata={
-        "help": "write a training checkpoint every this many DPO steps (generation saves its "
-                "progress after every batch of prompts)"})
+        "help": "a training checkpoint every this many DPO steps (generation: every prompt batch)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "keep the newest this many checkpoints"})
     precision: Optional[Literal["fp32", "bf16", "fp16"]] = field(default=None, metadata={
         "help": "dtype of the frozen models and of autocast around the trained UNet (fp32 "
@@ -169,6 +165,14 @@ class Args:
                 "2500 magnifies rounding (docs/real-models.md: fp16 ranks 4x faster, bf16 worst)"})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute the trained UNet's activations in the backward pass: less memory, more time"})
+    # --- LoRA: less memory, the same algorithm (plumbing.py)
+    lora_rank: int = field(default=0, metadata={
+        "help": "train rank-R adapters on the UNet's attention projections, not every weight; the "
+                "DPO reference is the UNet with them off (0: full fine-tuning; diffusers' DPO: 8)"})
+    lora_alpha: Optional[float] = field(default=None, metadata={
+        "help": "LoRA alpha: the adapters' update B A is scaled by alpha / rank (unset: = rank)"})
+    save_merged: bool = field(default=False, metadata={
+        "help": "LoRA: also save each stage's merged UNet (<stage>/unet; SD 1.5: 3.4 GB each)"})
 
 
 # The tiny world overrides what a 1M-parameter model on 16x16 images needs; the rest is the paper's.
@@ -426,11 +430,13 @@ def dpo_micro_batch(model, ref_unet, scheduler, x0, t, noise, cond, beta):
 # 6. The SAIL loop
 # =================================================================================================
 
-def reward_reference(args, run, judge_base, i):
+def reward_reference(args, run, judge_base, i, unet):
     """Eq. 8's reference when eps^i judges (our choice, SPEC 2c): the base model, or with
     --reward-ref prev the model round i started from (round i's DPO reference)."""
     if args.reward_ref == "base" or i == 0:
         return judge_base
+    if args.lora_rank:  # round i's adapters are not merged yet: with them off, `unet` is eps^{i-1}
+        return AdaptersOff(unet)
     return frozen_copy(saved_unet(run, f"iter_{i - 1}"), args.reward_precision)
 
 
@@ -450,14 +456,15 @@ def sail(args, pipe, data, run):
                   else frozen_copy(pipe.unet, args.reward_precision).to("cpu"))
     finished = [stage for stage in run.stages[1:] if run.finished(stage)]
     if finished:  # resuming: the current model is the last finished stage's
-        pipe.unet.load_state_dict(saved_unet(run, finished[-1]).state_dict())
+        restore_model(pipe, args, run, finished)
     if not run.finished("base"):
         finish_stage(pipe, args, run, data, "base", time.time(), {}, judge_base)
 
     # Step 0: Diffusion-DPO on the human seed pairs, init = ref = base
     if not run.finished("iter_0"):
         started = time.time()
-        summary = diffusion_dpo(pipe, base_unet.to(pipe.device), seed_pairs, args, "iter_0", run)
+        summary = diffusion_dpo(pipe, begin_round(pipe, args, "iter_0", base_unet), seed_pairs,
+                                args, "iter_0", run)
         base_unet.to("cpu")
         finish_stage(pipe, args, run, data, "iter_0", started, {"pairs": len(seed_pairs), **summary},
                      judge_base)
@@ -468,7 +475,7 @@ def sail(args, pipe, data, run):
         if run.finished(stage):
             continue
         started = time.time()
-        judge_ref = reward_reference(args, run, judge_base, i - 1)  # eps^{i-1} judges
+        judge_ref = reward_reference(args, run, judge_base, i - 1, pipe.unet)  # eps^{i-1} judges
         first = (i - 1) * per_iter
         new_prompts = prompts[first:i * per_iter]  # fresh, disjoint from earlier iterations'
         self_pairs, ties, extra = [], 0, {}
@@ -484,7 +491,7 @@ def sail(args, pipe, data, run):
         n_self = sum(1 for p in mixed if "confidence" in p)
         explain_the_mix(args, run, stage, self_pairs, ties, len(mixed) - n_self, len(seed_pairs))
         # Iteration i: Diffusion-DPO from the current model, the current model as reference
-        ref_unet = frozen_copy(pipe.unet, args.precision)
+        ref_unet = begin_round(pipe, args, stage)
         summary = diffusion_dpo(pipe, ref_unet, mixed, args, stage, run, last_loss_scale(run, i))
         del ref_unet
         finish_stage(pipe, args, run, data, stage, started, {
@@ -527,9 +534,8 @@ def map_cond(fn, cond):
 def encode_images(vae, images, noise):
     """Images (B, 3, H, W) in [-1, 1] -> latents x_0 (B, 4, H/f, W/f), scaled as the UNet expects.
 
-    x_0 is a sample of the VAE's posterior, mean + std * noise: latent_dist.sample() of the
-    Diffusion-DPO official code, with the (B, 4, h, w) noise passed in so that a resumed run and
-    every process of a multi-GPU run draw the same one.
+    x_0 is a sample of the VAE's posterior, mean + std * noise (Diffusion-DPO's latent_dist.sample()),
+    the (B, 4, h, w) noise passed in so that a resumed run and every process draw the same one.
     """
     with torch.no_grad():
         posterior = vae.encode(images.to(vae.dtype)).latent_dist
@@ -568,6 +574,7 @@ def autocast(device, precision):
 def frozen_copy(unet, precision="fp32"):
     """A frozen reference model: no gradients, never trained (Eq. DPO's ref), in `precision`."""
     return copy.deepcopy(unet).eval().requires_grad_(False).to(DTYPES[precision])
+
 
 
 def set_sampler(pipe, args):
@@ -680,6 +687,15 @@ def optimizer_step(model, ref_unet, pipe, scheduler, data, args, run, optimizer,
                            f"{MAX_OVERFLOWS} times in a row")
 
 
+def begin_round(pipe, args, stage, base=None):
+    """A DPO round starts from the current model: returns Eq. DPO's reference, that model, frozen
+    on the device (step 0: `base`). LoRA: the last round's adapters are merged, fresh ones train,
+    and the reference is the UNet with them off, the same model without a copy (plumbing.py)."""
+    if args.lora_rank:
+        return begin_lora_round(pipe.unet, args, stage)
+    return (frozen_copy(pipe.unet, args.precision) if base is None else base).to(pipe.device)
+
+
 def diffusion_dpo(pipe, ref_unet, pairs, args, stage, run, loss_scale=2.0 ** 16):
     """Train pipe.unet (theta) with Eq. DPO against the frozen ref_unet; returns mean metrics.
 
@@ -694,17 +710,20 @@ def diffusion_dpo(pipe, ref_unet, pairs, args, stage, run, loss_scale=2.0 ** 16)
     # a quarter of its own steps (our choice; SAIL's stages are 300-600 steps at the paper's size)
     warmup = min(args.warmup_steps, steps // 4)
     latent_shape = latent_shape_of(pipe, args.resolution)                       # (C, h, w)
-    optimizer = make_optimizer(unet.parameters(), args)
+    if not args.lora_rank:  # LoRA: only the adapters begin_round added train
+        unet.requires_grad_(True)
+    trained = {name: p for name, p in unet.named_parameters() if p.requires_grad}
+    optimizer = make_optimizer(list(trained.values()), args)
     scaler = torch.amp.GradScaler(pipe.device.type, init_scale=loss_scale,
                                   enabled=args.precision == "fp16")  # fp16 gradients underflow
     history, start = [], 0
     checkpoint = run.load_checkpoint(stage)
     if checkpoint:  # resume: weights, optimizer state and metrics as they were after that step
-        unet.load_state_dict(checkpoint["unet"])
+        unet.load_state_dict({**unet.state_dict(), **checkpoint["unet"]})
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         history, start = checkpoint["history"], checkpoint["step"]
-    unet.train().requires_grad_(True)
+    unet.train()
     model = (torch.nn.parallel.DistributedDataParallel(unet) if run.world > 1 else unet)
     for step in run.progress(iterable=range(start, steps), initial=start, total=steps,
                              desc=f"{stage}: Diffusion-DPO"):
@@ -723,7 +742,7 @@ def diffusion_dpo(pipe, ref_unet, pairs, args, stage, run, loss_scale=2.0 ** 16)
         history.append(record)
         stop = run.stop_asked()
         if (step + 1) % args.checkpoint_every == 0 or stop:
-            run.save_checkpoint(stage, {"step": step + 1, "unet": unet.state_dict(),
+            run.save_checkpoint(stage, {"step": step + 1, "unet": trained,  # LoRA: adapters only
                                         "optimizer": optimizer.state_dict(),
                                         "scaler": scaler.state_dict(), "history": history})
         if stop:
@@ -790,18 +809,6 @@ def tiny_world_controls(self_pairs, args):
     return (tiny_world.annotator_relabel(self_pairs) if args.oracle_labels else self_pairs), agreement
 
 
-def explain_the_mix(args, run, stage, self_pairs, ties, n_seed, seed_pairs):
-    """Say when the mixed set is not what the settings asked for, and why."""
-    if run.main and args.pairs != "none" and not self_pairs:
-        print(f"note: {stage}: all {ties} prompts tied: each prompt's {args.n_candidates} "
-              f"Eq. 8 rewards were equal within float tolerance, so the model still denoises "
-              f"exactly like its reward reference ({args.reward_ref}): training has not moved "
-              f"it (lr {args.lr:.3g}, {args.dpo_steps or 'one pass of'} DPO steps). Raise "
-              "--lr or --dpo-steps. Training on the seed pairs only", flush=True)
-    if run.main and n_seed > seed_pairs:
-        print(f"note: {stage} needs {n_seed} seed pairs but there are {seed_pairs}: drawing "
-              "them with replacement", flush=True)
-
 
 # =================================================================================================
 # 11. Measuring a stage: its grid, its scores, its judge; then it is saved as finished
@@ -856,16 +863,18 @@ def judge_agreement(pipe, judge_ref, heldout, args):
     return sum(scores) / len(scores)
 
 
+
 def finish_stage(pipe, args, run, data, stage, started, summary, judge_base):
     """Save the stage's UNet, measure it (held-out judge, grid, tiny-world scores), log it and
     write summary.json last: from then on the stage counts as finished."""
     if run.main:
         folder = run.out / stage
         folder.mkdir(exist_ok=True)
-        if stage != "base":  # loads with UNet2DConditionModel.from_pretrained
-            pipe.unet.save_pretrained(folder / "unet")
+        if stage != "base":
+            save_model(pipe, args, folder, stage)
             if data["heldout"]:  # eps^i judges with the reference of the round that trained it
-                judge_ref = reward_reference(args, run, judge_base, run.stages.index(stage) - 1)
+                judge_ref = reward_reference(args, run, judge_base, run.stages.index(stage) - 1,
+                                             pipe.unet)
                 summary.update({"judge_acc/heldout": judge_agreement(
                     pipe, judge_ref.to(pipe.device), data["heldout"], args),
                     "heldout_pairs": len(data["heldout"])})
@@ -887,7 +896,8 @@ def finish_stage(pipe, args, run, data, stage, started, summary, judge_base):
 GROUPS = {"model": "what to align, and where to write", "iters": "SAIL (SPEC section 3)",
           "effective_batch": "Diffusion-DPO training", "resolution": "sampling candidates",
           "oracle_labels": "a control of the tiny world",
-          "resume": "a long job: resume, memory (none of these changes the algorithm)"}
+          "resume": "a long job: resume, memory (none of these changes the algorithm)",
+          "lora_rank": "LoRA: less memory, the same algorithm"}
 
 
 def parse_args(argv, world=1):
@@ -902,6 +912,8 @@ def parse_args(argv, world=1):
         defaults, shown = {**TINY_PRESET, "tiny": True}, "the tiny world (--tiny, or no GPU found)"
     else:
         defaults, shown = PRESETS[pipeline_class(first["model"], PRESETS)], f"--model {first['model']}"
+    if first["lora_rank"] and not first["resume"]:  # adapters start at 0: another lr
+        defaults = {**defaults, "lr": LORA_LR["tiny" if defaults.get("tiny") else "real"]}
     description = f"{__doc__.splitlines()[0]} Defaults shown: {shown}."
     args = Args(**parse_flags(flag_parser(Args, GROUPS, defaults, description), argv))
     if args.resume:
@@ -934,6 +946,8 @@ def start_run(argv, rank, world, device, say):
     if not args.resume:
         check_new_folder(run.out)
     pipe = load_pipeline(base_model(args, run), device)
+    if args.lora_rank:
+        check_lora(pipe.unet, args)
     check_disk_space(run.out, pipe.unet, args)
     return args, data, run, pipe
 

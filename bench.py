@@ -301,7 +301,7 @@ def memory(device, pairs, resolution, out):
             sail.cast_frozen_models(pipe, precision)
             if checkpointing:
                 pipe.unet.enable_gradient_checkpointing()
-            ref = sail.begin_round(pipe, args, "iter_0", sail.frozen_copy(pipe.unet, precision))
+            ref = sail.begin_round(pipe, args, "iter_0")  # a frozen copy, or LoRA's adapters off
             run = sail.Run(scratch, args)
             run.open_log()
             reset_peak_memory(device)

@@ -404,7 +404,7 @@ def base_model(args, run):
 # Only the adapters train, so the UNet's own weights need neither gradients nor AdamW moments.
 LORA_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 # The default lr: adapters start at B = 0 and need larger steps than full fine-tuning. Real
-# models: the same example's 1e-5 (batch 32); the tiny world: searched (docs/lora.md).
+# models: the same example's 1e-5 (batch 32); the tiny world: searched, then checked (docs/lora.md).
 LORA_LR = {"real": 1e-5, "tiny": 1e-3}
 
 

@@ -576,7 +576,6 @@ def frozen_copy(unet, precision="fp32"):
     return copy.deepcopy(unet).eval().requires_grad_(False).to(DTYPES[precision])
 
 
-
 def set_sampler(pipe, args):
     """Candidates are drawn with the paper's sampler (DDPM for SD 1.5, DDIM for SDXL).
 

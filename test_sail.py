@@ -2087,8 +2087,10 @@ def test_a_lora_run_killed_mid_stage_is_finished_by_two_processes(wired_run, tmp
 def test_lora_adapters_are_scaled_alpha_over_rank_and_start_at_zero_from_their_own_seed(tiny_base):
     args = sail.parse_args(["--tiny", "--lora-rank", "4", "--lora-alpha", "8"])
     unets = [UNet2DConditionModel.from_pretrained(Path(tiny_base) / "unet") for _ in range(2)]
-    torch.manual_seed(1)  # the global generator must not matter
-    refs = [plumbing.begin_lora_round(unet, args, "iter_0") for unet in unets]
+    refs = []
+    for global_seed, unet in enumerate(unets):  # the global generator must not matter
+        torch.manual_seed(global_seed)
+        refs.append(plumbing.begin_lora_round(unet, args, "iter_0"))
     layers = [unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_q for unet in unets]
     assert layers[0].r["iter_0"] == 4 and layers[0].scaling["iter_0"] == 2.0  # alpha / r
     assert not layers[0].lora_B["iter_0"].weight.any()  # B = 0: theta == ref at step 1

@@ -341,7 +341,7 @@ def parse(argv):
                               "a datasets folder (save_to_disk) or hub name")
     parser.add_argument("--pickapic-split", default="test_unique",
                         help="--pickapic with a datasets folder or hub name: the split (default "
-                             "test_unique, the 500 test prompts)")
+                             "test_unique, the test split's unique captions)")
     parser.add_argument("--seeds", type=int, default=4, help="images per prompt")
     parser.add_argument("--models", help="comma-separated stages to score (default: all)")
     parser.add_argument("--metrics", help="comma-separated, of: " + ", ".join(METRICS) +

@@ -160,8 +160,9 @@ class Aesthetic(ClipScorer):
 
     def __init__(self, clip, head, device):
         if head is None:
-            raise sail.InputError("--metrics aesthetic needs --aesthetic-head, the predictor's "
-                                  ".pth (github.com/christophschuhmann/improved-aesthetic-predictor)")
+            raise sail.InputError("--metrics aesthetic needs --aesthetic-head, the predictor's .pth "
+                                  "(github.com/christophschuhmann/improved-aesthetic-predictor, or "
+                                  "Diffusion-DPO's utils/aesthetics_model/)")
         super().__init__(clip, clip, device, "aesthetic predictor's CLIP")
         weights = load_weights(head, "the aesthetic predictor's head")
         self.mlp = linear_mlp({k.removeprefix("layers."): v for k, v in weights.items()},

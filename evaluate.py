@@ -35,7 +35,8 @@ Metrics (--metrics, comma-separated); a file flag left out means the hub, when o
                  --imagereward-config med_config.json (both THUDM/ImageReward on the hub),
                  --imagereward-tokenizer a bert-base-uncased folder or hub id.
     hps          HPSv2 (Wu et al. 2023): 100 * cos(text, image) of the HPS-tuned open_clip
-                 ViT-H-14 (pip install open-clip-torch). --hps-checkpoint HPS_v2_compressed.pt
+                 ViT-H-14, its weights renamed into transformers' CLIP (no open_clip needed;
+                 --hps-clip gives the config and processor). --hps-checkpoint HPS_v2_compressed.pt
                  (or HPS_v2.1_compressed.pt for HPSv2.1; both xswu/HPSv2 on the hub).
 """
 

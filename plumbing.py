@@ -50,6 +50,8 @@ transformers.utils.logging.disable_progress_bar()
 warnings.filterwarnings("ignore", category=FutureWarning)
 # DDP notes that a 1x1 convolution's gradient has another memory layout than its bucket: harmless
 warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+# peft, when diffusers loads a second LoRA adapter into a UNet (how stages load, docs/lora.md)
+warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute in the model")
 
 
 # =================================================================================================

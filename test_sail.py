@@ -1,8 +1,8 @@
 """Tests for sail.py. Each test names the formula or behaviour it pins and fails if that is wrong.
 
-Run: python -m pytest -q test_sail.py   (about 2.5 minutes on 2 CPU cores, no GPU, no network).
+Run: python -m pytest -q test_sail.py   (about 3 minutes on 2 CPU cores, no GPU, no network).
 The optional extras are tested when installed: matplotlib (plots), pyarrow and datasets
-(Pick-a-Pic import).
+(Pick-a-Pic import), peft (LoRA).
 Equation numbers are SPEC.md's, as in sail.py.
 """
 

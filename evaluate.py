@@ -61,10 +61,6 @@ METRICS = ("annotator", "pickscore", "aesthetic", "imagereward", "hps")
 RESAMPLES = 1000  # bootstrap resamples of the prompts
 
 
-def first_line(error):
-    return str(error).strip().splitlines()[0]
-
-
 class ClipScorer:
     """A CLIP model and its processor, from hub ids or folders: what PickScore, the aesthetic
     score and HPS start from. With `weights`, only the model's config is read, and those weights
@@ -81,7 +77,7 @@ class ClipScorer:
                 self.model.load_state_dict(weights)
         except Exception as error:
             raise sail.InputError(f"cannot load the {name} model {model} / processor "
-                                  f"{processor}: {first_line(error)}")
+                                  f"{processor}: {plumbing.first_line(error)}")
         self.model.eval().to(device)
         self.device = device
 
@@ -130,7 +126,7 @@ def local_or_hub(path, flag, repo, filename):
         return hf_hub_download(repo, filename)
     except Exception as error:  # offline, or no such repository or file
         raise sail.InputError(f"{flag} not given and {repo}/{filename} cannot be downloaded "
-                              f"({first_line(error)}): pass a local file with {flag}")
+                              f"({plumbing.first_line(error)}): pass a local file with {flag}")
 
 
 def linear_mlp(weights, size, what):
@@ -144,7 +140,7 @@ def linear_mlp(weights, size, what):
     try:
         mlp.load_state_dict(weights)
     except RuntimeError as error:
-        raise sail.InputError(f"{what}: {first_line(error)}")
+        raise sail.InputError(f"{what}: {plumbing.first_line(error)}")
     return mlp.eval()
 
 
@@ -152,7 +148,7 @@ def load_weights(path, what):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise sail.InputError(f"cannot load {what} {path}: {first_line(error)}")
+        raise sail.InputError(f"cannot load {what} {path}: {plumbing.first_line(error)}")
 
 
 class Aesthetic(ClipScorer):
@@ -238,7 +234,7 @@ class ImageReward:
             self.text.load_state_dict(text)  # is_decoder=True builds the cross-attention layers
         except (KeyError, ValueError, RuntimeError, OSError) as error:
             raise sail.InputError(f"cannot load the ImageReward model {checkpoint} with "
-                                  f"{med_config}: {first_line(error)}")
+                                  f"{med_config}: {plumbing.first_line(error)}")
         self.mlp = linear_mlp({k[len("mlp.layers."):]: v for k, v in weights.items()
                                if k.startswith("mlp.layers.")}, med["hidden_size"],
                               f"cannot load the ImageReward head of {checkpoint}")
@@ -246,7 +242,7 @@ class ImageReward:
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         except Exception as error:
             raise sail.InputError(f"cannot load the ImageReward tokenizer {tokenizer} "
-                                  f"(--imagereward-tokenizer): {first_line(error)}")
+                                  f"(--imagereward-tokenizer): {plumbing.first_line(error)}")
         self.processor = CLIPImageProcessor(size={"shortest_edge": image_size},
                                             crop_size={"height": image_size, "width": image_size})
         for module in (self.vision, self.text, self.mlp):

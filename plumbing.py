@@ -350,10 +350,14 @@ def read_data(args, world):
 # Loading a pipeline
 # =================================================================================================
 
+def first_line(error):
+    """An exception's first line, for a one-line message (its type when it has no text)."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 def cannot_load(model, error):
     """Offline, missing folder, not a pipeline: all the same to a user, one line naming --tiny."""
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return InputError(f"could not load --model {model}: {reason} "
+    return InputError(f"could not load --model {model}: {first_line(error)} "
                       "(no network or weights? run with --tiny for the embedded tiny world)")
 
 

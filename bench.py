@@ -38,6 +38,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is built here: a lookup would only hang
@@ -104,7 +105,7 @@ class Bench:
         # is the reference: the benchmark holds no more UNets than a run does
         self.theta, self.ref = pipe.unet, sail.frozen_copy(pipe.unet, args.precision)
         self.autocast = lambda: sail.autocast(self.device, args.precision)  # noqa: E731
-        self.cond = sail.encode_text(pipe, ["a red circle"], args.resolution)  # (1, L, D)
+        self.cond = sail.encode_text(pipe, ["a red circle"], args)  # (1, L, D)
 
     def generation(self, n_prompts, n):
         generator = torch.Generator().manual_seed(0)
@@ -748,7 +749,8 @@ def reward_spread(figures, model, seed_pairs, scratch):
     conditioning = {}
     for precision in {p for p, _, _ in judges}:  # the text encoder in the run's precision
         sail.cast_frozen_models(pipe, precision)
-        conditioning[precision] = [sail.encode_text(pipe, [y], resolution) for y in prompts]
+        conditioning[precision] = [sail.encode_text(pipe, [y], SimpleNamespace(resolution=resolution))
+                                    for y in prompts]
     references = {judge: sail.frozen_copy(unet, judge) for judge in {j for _, j, _ in judges}}
     latents = [torch.randn((n, 4, resolution // 8, resolution // 8),
                            generator=sail.seeded(0, "spread", i)).to(device)
@@ -830,7 +832,7 @@ def tiny_reward_precision(run, device, prompts=tiny_world.PROMPTS):
         # seed keys "c" (candidate) and "r" (reward): those of the README's measurement
         latents = sail.generate(pipe, [prompt], args.n_candidates, args,
                                 [sail.seeded(0, "c", j, c) for c in range(args.n_candidates)])
-        cond = sail.encode_text(pipe, [prompt], args.resolution)
+        cond = sail.encode_text(pipe, [prompt], args)
         rewards = {}
         for judge in judges:
             ref = sail.frozen_copy(base, judge)

@@ -51,7 +51,6 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
-from diffusers import UNet2DConditionModel  # noqa: E402
 
 import plumbing  # noqa: E402
 import sail  # noqa: E402
@@ -425,12 +424,12 @@ def use_adapters(pipe, run, stage):
     loads it; the base: every adapter off."""
     rounds = [] if stage == "base" else [f"iter_{i}" for i in range(int(stage[5:]) + 1)]
     for name in rounds:
-        if name not in getattr(pipe.unet, "peft_config", {}):
+        if name not in getattr(plumbing.denoiser(pipe), "peft_config", {}):
             pipe.load_lora_weights(run / name / "lora", adapter_name=name)
     if rounds:
         pipe.enable_lora()
         pipe.set_adapters(rounds)
-    elif getattr(pipe.unet, "peft_config", None):
+    elif getattr(plumbing.denoiser(pipe), "peft_config", None):
         pipe.disable_lora()
 
 
@@ -518,14 +517,14 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
     sail.set_sampler(pipe, args)
-    base_unet = pipe.unet
+    base = plumbing.denoiser(pipe)  # the UNet, or SD3's / FLUX's transformer
     scores = {}
     for stage in sorted(stages, key=lambda s: s != "base"):  # the base first: the others need it
         if args.lora_rank:
             use_adapters(pipe, Path(options.run), stage)
         else:
-            pipe.unet = base_unet if stage == "base" else UNet2DConditionModel.from_pretrained(
-                Path(options.run) / stage / "unet").to(device)
+            setattr(pipe, plumbing.denoiser_folder(base), base if stage == "base" else
+                    plumbing.saved_model(options.run, stage, base).to(device))
         scores[stage] = score_stage(pipe, args, prompts, options.seeds, metrics, scorers)
         print(f"{stage} | " + " | ".join(f"{name} {values.mean().item():.4g}"
                                           for name, values in scores[stage].items()), flush=True)

@@ -37,8 +37,8 @@ MUTANTS = [
     ("ref-not-refreshed", "ref_unet = begin_round(pipe, args, stage)",
      "ref_unet = begin_round(pipe, args, stage, base_unet)"),
     # 2. --reward-ref prev takes the wrong stage (the current model: every prompt ties)
-    ("reward-ref-prev-wrong-stage", 'saved_unet(run, f"iter_{i - 1}"), args.reward_precision)',
-     'saved_unet(run, f"iter_{i}"), args.reward_precision)'),
+    ("reward-ref-prev-wrong-stage", 'saved_model(run.out, f"iter_{i - 1}", unet), args.reward_precision)',
+     'saved_model(run.out, f"iter_{i}", unet), args.reward_precision)'),
     ("reward-ref-prev-never-used", 'args.reward_ref == "base" or i == 0:',
      'args.reward_ref == "base" or i < 2:'),
     ("reward-ref-meanings-swapped", 'args.reward_ref == "base" or i == 0:',
@@ -51,13 +51,13 @@ MUTANTS = [
     ("candidates-drawn-by-judge-ref", "latents = generate(pipe, prompts, n, args, generators)",
      "latents = generate(type(pipe)(**{**pipe.components, 'unet': judge_ref}), "
      "prompts, n, args, generators)"),
-    ("eq8-theta-and-ref-swapped", "rewards = implicit_reward(pipe.unet, judge_ref, candidates,",
-     "rewards = implicit_reward(judge_ref, pipe.unet, candidates,"),
+    ("eq8-theta-and-ref-swapped", "rewards = implicit_reward(denoiser(pipe), judge_ref, candidates,",
+     "rewards = implicit_reward(judge_ref, denoiser(pipe), candidates,"),
     ("candidates-sampled-with-ddpm", "    set_sampler(pipe, args)", "    pass"),
     # 5. winner and loser conditioned differently (empty-prompt dropout on the winners only)
     ("one-sided-cfg-dropout", "cond = map_cond(lambda v: torch.cat([v, v]),",
      "cond = map_cond(lambda v: torch.cat([v, encode_text(pipe, [p['prompt'] for p in "
-     "batch[part]], args.resolution)['encoder_hidden_states']]),"),
+     "batch[part]], args)['encoder_hidden_states']]),"),
     ("cfg-dropout-ignored",
      'prompts = ["" if drop else pair["prompt"] for drop, pair in zip(dropped, batch)]',
      'prompts = [pair["prompt"] for pair in batch]'),
@@ -84,7 +84,7 @@ MUTANTS = [
     ("eval-noise-per-stage", 'seeded(args.seed, "evaluation", i)',
      'seeded(args.seed, "evaluation", folder.name, i)'),
     # 9. gradient clipping is gone; gradients never zeroed
-    ("no-gradient-clipping", "torch.nn.utils.clip_grad_norm_(pipe.unet.parameters(), 1.0)", "pass"),
+    ("no-gradient-clipping", "torch.nn.utils.clip_grad_norm_(denoiser(pipe).parameters(), 1.0)", "pass"),
     ("gradients-never-zeroed", "optimizer.zero_grad(set_to_none=True)", "pass"),
     # 10. the reference errors come from the trained UNet (every logit 0, loss stuck at ln 2)
     ("ref-errors-from-theta", "err_ref = denoising_error(ref_unet, scheduler, x0, *shared, cond)",
@@ -94,7 +94,8 @@ MUTANTS = [
     ("ref-errors-winner-loser-swapped", "*err_theta.chunk(2), *err_ref.chunk(2), beta)",
      "*err_theta.chunk(2), *err_ref.chunk(2)[::-1], beta)"),
     # 11. seed-pair latents lose the VAE scaling factor
-    ("latents-unscaled", "return x0 * vae.config.scaling_factor", "return x0"),
+    ("latents-unscaled", "return (x0 - (vae.config.shift_factor or 0)) * vae.config.scaling_factor",
+     "return x0 - (vae.config.shift_factor or 0)"),
     # 12. winners and losers stacked pair by pair while the loss splits the batch into halves
     ("pairs-stacked-pair-by-pair", "return x0.flatten(0, 1).to(pipe.device)",
      "return x0.transpose(0, 1).flatten(0, 1).to(pipe.device)"),
@@ -107,8 +108,8 @@ MUTANTS = [
     ("mixup-ranks-by-winner-reward",
      'key=lambda p: p["reward_chosen"] - p["reward_rejected"],', 'key=lambda p: p["reward_chosen"],'),
     # 15. a resumed run continues from the first finished stage's model instead of the last
-    ("resume-from-first-finished", "saved_unet(run, finished[-1])", "saved_unet(run, finished[0])",
-     "plumbing.py"),
+    ("resume-from-first-finished", "saved_model(run.out, finished[-1], denoiser(pipe))",
+     "saved_model(run.out, finished[0], denoiser(pipe))", "plumbing.py"),
     # other wiring: the iteration trains on seed pairs only (self-labelling has no effect)
     ("iteration-trains-on-seed-pairs", "diffusion_dpo(pipe, ref_unet, mixed, args, stage, run,",
      "diffusion_dpo(pipe, ref_unet, seed_pairs, args, stage, run,"),
@@ -146,6 +147,29 @@ MUTANTS = [
     ("lora-reward-ref-prev-is-the-current-model", "return AdaptersOff(unet)", "return unet"),
     ("checkpoint-not-restored", 'unet.load_state_dict({**unet.state_dict(), **checkpoint["unet"]})',
      "pass"),
+    # flow-matching models (issue 15): Eq. RF, the time the model is told, FLUX's packing
+    ("flow-noising-ends-swapped", "return (1 - sigma) * x0 + sigma * noise",
+     "return sigma * x0 + (1 - sigma) * noise"),
+    ("flow-velocity-sign-flipped", "return noise - x0", "return x0 - noise"),
+    ("flow-timesteps-uniform", "return (u * T).long().clamp(max=T - 1)",
+     "return torch.randint(0, T, (n,), generator=generator)"),
+    ("flow-model-told-the-index", "return scheduler.timesteps.to(t.device)[t] if is_flow(scheduler) else t",
+     "return t"),
+    ("flux-time-not-divided", "out = unet(tokens, timestep=t / 1000, img_ids=image_ids,",
+     "out = unet(tokens, timestep=t, img_ids=image_ids,"),
+    ("flux-guidance-not-the-sampling-one",
+     'cond["guidance"] = torch.full((len(prompts),), args.guidance_scale, device=pipe.device)',
+     'cond["guidance"] = torch.full((len(prompts),), 1.0, device=pipe.device)'),
+    ("flux-latents-left-packed", "if isinstance(pipe, FluxPipeline):  # FLUX hands back", "if False:  #"),
+    ("vae-shift-ignored-on-decode",
+     "latents = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0)",
+     "latents = latents / vae.config.scaling_factor"),
+    ("vae-shift-ignored-on-encode",
+     "return (x0 - (vae.config.shift_factor or 0)) * vae.config.scaling_factor",
+     "return x0 * vae.config.scaling_factor"),
+    ("flow-trains-on-a-ddpm-schedule",
+     "kind = FlowMatchEulerDiscreteScheduler if is_flow(pipe.scheduler) else DDPMScheduler",
+     "kind = DDPMScheduler"),
 ]
 
 

@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 import diffusers
 import transformers
-from diffusers import DiffusionPipeline, UNet2DConditionModel
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
 import tiny_world
 
@@ -52,6 +53,8 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 # peft, when diffusers loads a second LoRA adapter into a UNet (how stages load, docs/lora.md)
 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute in the model")
+# torch, when autocast feeds FLUX's fp32 RMSNorm weights bf16 inputs: it uses its unfused kernel
+warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
 
 
 # =================================================================================================
@@ -374,9 +377,11 @@ def pipeline_class(model, supported):
 
 
 def load_pipeline(model, device):
-    """A diffusers text-to-image pipeline (SD or SDXL) from a hub id or local folder, all frozen."""
-    try:
-        pipe = DiffusionPipeline.from_pretrained(model, safety_checker=None,
+    """A diffusers text-to-image pipeline (SD, SDXL, SD3, FLUX) from a hub id or folder, all frozen."""
+    try:  # a part saved as null stays out (SD3 saved without T5: text_encoder_3 = None)
+        left_out = {name: None for name, value in DiffusionPipeline.load_config(model).items()
+                    if value == [None, None]}
+        pipe = DiffusionPipeline.from_pretrained(model, **{"safety_checker": None, **left_out},
                                                  requires_safety_checker=False)
     except Exception as error:
         raise cannot_load(model, error)
@@ -391,6 +396,103 @@ def prepare_pipeline(pipe, device):
         if isinstance(part, torch.nn.Module):
             part.requires_grad_(False)
     return pipe
+
+
+def denoiser(pipe):
+    """The network SAIL trains: the UNet (SD, SDXL) or the transformer (SD3, FLUX)."""
+    return pipe.components["unet" if "unet" in pipe.components else "transformer"]
+
+
+def denoiser_folder(model):
+    """Its subfolder in a pipeline folder and in each stage's output: unet/ or transformer/."""
+    return "unet" if "UNet" in type(model).__name__ else "transformer"
+
+
+def check_model(pipe, args):
+    """Before anything is written: the sampler suits the model, and LoRA finds what it adapts."""
+    flow = isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    if flow != (args.sampler == "euler"):
+        raise InputError(f"--sampler {args.sampler}: {type(pipe).__name__} samples with "
+                         + ("its flow-matching Euler: use --sampler euler" if flow
+                            else "DDPM or DDIM (euler is for flow-matching models)"))
+    if args.lora_rank and not any(name == target or name.endswith("." + target)  # peft's rule
+                                  for name, _ in denoiser(pipe).named_modules()
+                                  for target in LORA_MODULES):
+        raise InputError(f"--lora-rank: the {denoiser_folder(denoiser(pipe))} of {args.model} has "
+                         f"none of the attention projections LoRA adapts ({', '.join(LORA_MODULES)})")
+
+
+# =================================================================================================
+# How the models run (precision, sampler) and a stage's picture: not what SAIL computes
+# =================================================================================================
+
+# Memory: one GPU must be enough for SD 1.5. Frozen models -- the reference UNets, the VAE and the
+# text encoders -- are stored in --precision; the trained UNet keeps fp32 weights (AdamW updates of
+# lr x grad are far below bf16's resolution) and its forward passes run under autocast.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cast_frozen_models(pipe, precision):
+    """Text encoders and VAE to `precision`; a VAE whose config asks to stay fp32 (force_upcast:
+    SD's and SDXL's VAEs overflow in fp16) stays fp32 in fp16 runs."""
+    dtype = DTYPES[precision]
+    for name, part in pipe.components.items():
+        if isinstance(part, torch.nn.Module) and name not in ("unet", "transformer"):
+            upcast = name == "vae" and dtype == torch.float16 and part.config.force_upcast
+            part.to(torch.float32 if upcast else dtype)
+
+
+def autocast(device, precision):
+    """Mixed precision for the UNets' forward passes: matmuls and convolutions in `precision`."""
+    return torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
+
+
+def frozen_copy(unet, precision="fp32"):
+    """A frozen reference model: no gradients, never trained (Eq. DPO's ref), in `precision`."""
+    return copy.deepcopy(unet).eval().requires_grad_(False).to(DTYPES[precision])
+
+
+def set_sampler(pipe, args):
+    """Candidates are drawn with the paper's sampler (DDPM for SD 1.5, DDIM for SDXL); flow models
+    with their own flow-matching Euler (--sampler euler, checked in check_model).
+
+    DDPM and DDIM clip x_0 to [-1, 1] unless told otherwise, which is right for pixels and wrong
+    for latents: a config without clip_sample (SDXL's Euler, say) keeps its latents unclipped.
+    """
+    if args.sampler == "euler":
+        return
+    kind = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[args.sampler]
+    config = pipe.scheduler.config
+    pipe.scheduler = kind.from_config(config, clip_sample=config.get("clip_sample", False))
+
+
+def save_grid(images, seeds, path, tile=64):
+    """Images (P*S, 3, H, W), prompt-major -> one PNG: a column per prompt, a row per seed."""
+    images = F.interpolate(images, size=(tile, tile), mode="nearest" if images.shape[-1] < tile
+                           else "bilinear")                                      # (P*S, 3, t, t)
+    prompts = images.shape[0] // seeds
+    grid = images.view(prompts, seeds, 3, tile, tile).permute(2, 1, 3, 0, 4)     # (3, S, t, P, t)
+    save_image(grid.reshape(3, seeds * tile, prompts * tile), path)
+
+
+def map_cond(fn, cond):
+    """Apply fn to every tensor of a conditioning dict (nested for SDXL): repeat, slice, concat."""
+    return {name: map_cond(fn, value) if isinstance(value, dict) else fn(value)
+            for name, value in cond.items()}
+
+
+def latent_shape_of(pipe, resolution):
+    """(C, h, w) of the UNet's latents at `resolution` pixels."""
+    side = resolution // pipe.vae_scale_factor
+    return (pipe.vae.config.latent_channels, side, side)
+
+
+def make_optimizer(params, args):
+    """Diffusion-DPO official: AdamW, weight decay 1e-2 (the paper: Adafactor for SDXL)."""
+    if args.optimizer == "adafactor":  # transformers' Adafactor at a fixed lr, as SDXL DPO used
+        return transformers.optimization.Adafactor(params, lr=args.lr, weight_decay=1e-2,
+                                                   scale_parameter=False, relative_step=False)
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
 
 
 def base_model(args, run):
@@ -423,14 +525,6 @@ def peft():
     return peft
 
 
-def check_lora(unet, args):
-    """Before anything is written: the UNet has modules LoRA adapts."""
-    if not any(name == target or name.endswith("." + target)  # peft's own matching rule
-               for name, _ in unet.named_modules() for target in LORA_MODULES):
-        raise InputError(f"--lora-rank: the UNet of {args.model} has none of the attention "
-                         f"projections LoRA adapts ({', '.join(LORA_MODULES)})")
-
-
 class AdaptersOff:
     """The trained UNet with its adapters switched off, called like a UNet. Every earlier round's
     adapters are merged into its weights (begin_lora_round), so this is exactly the model the
@@ -441,6 +535,7 @@ class AdaptersOff:
 
     device = property(lambda self: self.unet.device)
     dtype = property(lambda self: self.unet.dtype)
+    config = property(lambda self: self.unet.config)
 
     def to(self, *_):  # it lives wherever the trained UNet does
         return self
@@ -475,9 +570,11 @@ def begin_lora_round(unet, args, stage):
 def save_adapters(pipe, folder, stage):
     """<folder>/pytorch_lora_weights.safetensors, with the adapters' rank and alpha: what
     pipe.load_lora_weights(folder, adapter_name=stage) reads."""
-    state = peft().utils.get_peft_model_state_dict(pipe.unet, adapter_name=stage)
-    type(pipe).save_lora_weights(folder, unet_lora_layers=state,
-                                 unet_lora_adapter_metadata=pipe.unet.peft_config[stage].to_dict())
+    model = denoiser(pipe)
+    name = denoiser_folder(model)  # unet_lora_layers, or transformer_lora_layers for SD3 / FLUX
+    type(pipe).save_lora_weights(folder, **{
+        f"{name}_lora_layers": peft().utils.get_peft_model_state_dict(model, adapter_name=stage),
+        f"{name}_lora_adapter_metadata": model.peft_config[stage].to_dict()})
 
 
 def merged_copy(unet):
@@ -493,7 +590,7 @@ def restore_adapters(pipe, out, stages):
     """Resuming: the base plus every finished stage's adapters, merged in order as training merged
     them, the last still unmerged: the state the run was in when its last stage finished."""
     for stage in stages:
-        merge_adapters(pipe.unet)
+        merge_adapters(denoiser(pipe))
         pipe.load_lora_weights(out / stage / "lora", adapter_name=stage)
 
 
@@ -687,7 +784,7 @@ def check_disk_space(out, unet, args):
                            + checkpoints * (not args.lora_rank))
     free = shutil.disk_usage(nearest_existing(out)).free
     if needed > free:
-        raise InputError(f"--out {out}: the run writes about {needed / 1e9:.1f} GB (a UNet per "
+        raise InputError(f"--out {out}: the run writes about {needed / 1e9:.1f} GB (a model per "
                          f"stage, {args.keep_checkpoints} checkpoints) but {free / 1e9:.1f} GB "
                          "are free")
 
@@ -719,9 +816,9 @@ def save_pairs_json(run, stage, self_pairs):
         pair_paths(p, lambda path: os.path.relpath(path, folder)) for p in self_pairs])
 
 
-def saved_unet(run, stage):
-    """A finished stage's model, fp32 as saved."""
-    return UNet2DConditionModel.from_pretrained(run.out / stage / "unet")
+def saved_model(out, stage, like):
+    """A finished stage's denoiser (of the class of `like`) from run folder `out`, fp32 as saved."""
+    return type(like).from_pretrained(Path(out) / stage / denoiser_folder(like))
 
 
 def last_loss_scale(run, i):
@@ -736,16 +833,18 @@ def restore_model(pipe, args, run, finished):
     if args.lora_rank:
         restore_adapters(pipe, run.out, finished)
     else:
-        pipe.unet.load_state_dict(saved_unet(run, finished[-1]).state_dict())
+        denoiser(pipe).load_state_dict(saved_model(run.out, finished[-1], denoiser(pipe)).state_dict())
 
 
 def save_model(pipe, args, folder, stage):
-    """<stage>/unet, loads with UNet2DConditionModel.from_pretrained. LoRA: <stage>/lora, the
-    round's adapters (README: stage i = base + adapters 0..i), and unet/ with --save-merged."""
+    """<stage>/unet (SD3, FLUX: transformer), loads with its class's from_pretrained. LoRA:
+    <stage>/lora, the round's adapters (README: stage i = base + adapters 0..i), and the merged
+    denoiser with --save-merged."""
+    model = denoiser(pipe)
     if args.lora_rank:
         save_adapters(pipe, folder / "lora", stage)
     if args.save_merged or not args.lora_rank:
-        (merged_copy(pipe.unet) if args.lora_rank else pipe.unet).save_pretrained(folder / "unet")
+        (merged_copy(model) if args.lora_rank else model).save_pretrained(folder / denoiser_folder(model))
 
 
 def explain_the_mix(args, run, stage, self_pairs, ties, n_seed, seed_pairs):

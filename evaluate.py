@@ -364,8 +364,10 @@ def parse(argv):
         args.precision = args.precision or "fp32"  # runs of an older sail.py did not record it
     except (OSError, json.JSONDecodeError, TypeError) as error:
         raise sail.InputError(f"{run}: not a sail.py run folder (config.json: {error})")
-    saved = "lora" if args.lora_rank else "unet"  # a LoRA run saves each stage's adapters
-    stages = sorted((p.parent.name for p in run.glob(f"iter_*/{saved}")), key=lambda s: int(s[5:]))
+    # each stage's UNet (SD3, FLUX: transformer), or with LoRA its adapters
+    saved = ["lora"] if args.lora_rank else ["unet", "transformer"]
+    stages = sorted({p.parent.name for name in saved for p in run.glob(f"iter_*/{name}")},
+                    key=lambda s: int(s[5:]))
     stages = ["base", *stages]
     if options.models:
         wanted = options.models.split(",")

@@ -1,6 +1,7 @@
 """Plumbing a reader of sail.py never needs: the command line built from its Args, the input
-files read and checked, models loaded, the run folder written whole and resumed, the processes of
-a torchrun job, Ctrl-C. None of SAIL's equations is computed here.
+files read and checked, models loaded (the UNet or transformer that trains, the sampler that fits
+it, precision, the optimizer), LoRA, the run folder written whole and resumed, the processes of a
+torchrun job, Ctrl-C. None of SAIL's equations is computed here.
 
 A paper-sized run takes hours: it must survive a kill, and may be spread over GPUs (torchrun).
 Three rules make both exact rather than approximate:

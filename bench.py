@@ -46,6 +46,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is built here: a loo
 import diffusers.optimization  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
 from diffusers import (AutoencoderKL, StableDiffusionPipeline,  # noqa: E402
                        UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
@@ -639,7 +640,8 @@ def official_versus_sail(figures, model, seed_pairs, scratch, repeats):
                      dpo_steps=1, lr=1e-8 * 128, checkpoint_every=2)
     latent_shape = (4, resolution // 8, resolution // 8)
     # the step's pairs and prompts (20% empty, as both codes do) as sail's first step draws them
-    batch_pairs, prompts, *_ = sail.dpo_step_data(pairs, 0, args, "iter_0", latent_shape, 1000)
+    batch_pairs, prompts, *_ = sail.dpo_step_data(pairs, 0, args, "iter_0", latent_shape,
+                                                sail.training_schedule(pipe))
     load = cached_image_loader(pairs, resolution)
     pixels = torch.stack([torch.cat([load(pair[key], resolution) for key in ("chosen", "rejected")])
                           for pair in batch_pairs])                              # (B, 6, H, W)
@@ -959,7 +961,7 @@ def figures_markdown(figures):
             f"{torch.backends.cudnn.allow_tf32}")
     lines = [f"# bench.py --gpu-figures{' --toy' if figures.toy else ''}", "",
              f"Machine: {machine}; torch {torch.__version__}, diffusers {diffusers.__version__}, "
-             f"transformers {sail.transformers.__version__}; {tf32}; "
+             f"transformers {transformers.__version__}; {tf32}; "
              f"{figures.elapsed():.0f} s so far (--budget-s {figures.budget_s:g}). Random weights, "
              "SD 1.5 / SDXL shapes. Peak memory: torch.cuda.max_memory_allocated, reset at each "
              "measurement's start (CPU: peak resident memory).", "",

@@ -34,8 +34,9 @@ Writes <out> (default runs/evidence-<time>): results.md and results.csv (per con
 annotator score on all, seen and unseen prompts, fidelity, self-label accuracy, the judge's
 agreement with the held-out human pairs, mean +- std over seeds; per claim: paired differences
 per seed and a verdict; whether confidence ranks right self-labels first), trajectory.png
-(annotator score per round, mean line and +-1 std band; needs matplotlib) and runs/<condition>-seed<s>/ (each
-run's config, metrics and sample grids; UNet weights and checkpoints are deleted to keep the folder small).
+(annotator score per round, mean line and +-1 std band; needs matplotlib) and
+runs/<condition>-seed<s>/ (each run's config, metrics, sample grids and self-labelled pairs; UNet
+weights and checkpoints are deleted to keep the folder small).
 
 Verdict rule, fixed before any run: with d the per-seed paired differences (SAIL minus control)
 of the final annotator score, mean(d) is "clearly positive" if it exceeds 2 * std(d) / sqrt(n)
@@ -72,6 +73,7 @@ import torch  # noqa: E402
 # 9 of 18 self-labelled pairs per round (a quarter of the mixed set, alpha = 0.25, as before).
 KEEP_TOP = 0.5
 
+
 def condition_flags(iters, dpo_steps, extra=()):
     """Each condition's sail.py flags; "base" is read from the runs' base stage instead."""
     sail_run = ["--iters", str(iters), "--dpo-steps", str(dpo_steps), *extra]
@@ -92,8 +94,8 @@ CONDITIONS = condition_flags(4, sail.TINY_PRESET["dpo_steps"])  # SAIL: 4 iterat
 # The variant worlds (the second study): 3 iterations, the paper's for SD 1.5, to fit 30 minutes.
 VARIANT_ITERS = 3
 VARIANT_CONDITIONS = ["single-round-seed-dpo", "iterative-seed-dpo", "sail", "all-labels-dpo"]
-# The quick size: every condition and every line of the study, at toy cost.
 VARIANT_FLAGS = condition_flags(VARIANT_ITERS, sail.TINY_PRESET["dpo_steps"])
+# The quick size: every condition and every line of the study, at toy cost.
 QUICK_CONDITIONS = condition_flags(1, 2, ["--n-candidates", "2", "--k-draws", "1",
                                           "--prompts-per-iter", "2", "--eval-seeds", "1",
                                           "--effective-batch", "8", "--micro-batch", "8"])

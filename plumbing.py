@@ -146,6 +146,7 @@ def check_settings(args, world):
         (args.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
         (args.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),
         (args.tiny or not args.oracle_labels, "--oracle-labels needs the tiny world's annotator"),
+        (args.tiny_world in tiny_world.WORLDS, f"--tiny-world must be one of {', '.join(tiny_world.WORLDS)}"),
         (args.tiny or args.tiny_world == "shapes", "--tiny-world needs the tiny world (--tiny)"),
         (args.lora_rank >= 0, "--lora-rank must be >= 0 (0: full fine-tuning)"),
         (args.lora_alpha is None or args.lora_alpha > 0, "--lora-alpha must be > 0"),

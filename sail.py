@@ -150,8 +150,7 @@ class Args:
     # --- a control of the tiny world
     oracle_labels: bool = field(default=False, metadata={
         "help": "tiny world: the hidden annotator re-labels each self-labelled pair ('all-labels DPO')"})
-    tiny_world: Literal["shapes", "offpolicy", "taste"] = field(default="shapes", metadata={
-        "help": "which tiny world: shapes, or a variant with its own human pairs (docs/evidence-2.md)"})
+    tiny_world: str = field(default="shapes", metadata={"help": "shapes, offpolicy or taste (docs/evidence-2.md)"})
     # --- a long job: resume, memory (plumbing; none of these changes the algorithm)
     resume: Optional[str] = field(default=None, metadata={
         "help": "continue the interrupted run in this folder where it stopped (its config.json "
@@ -808,6 +807,7 @@ def tiny_world_controls(self_pairs, args):
         return self_pairs, {}
     agreement = {"self_label_acc": tiny_world.annotator_agrees(self_pairs).float().mean().item()}
     return (tiny_world.annotator_relabel(self_pairs) if args.oracle_labels else self_pairs), agreement
+
 
 
 # =================================================================================================

@@ -362,6 +362,7 @@ def parse(argv):
         config = json.loads((run / "config.json").read_text())
         args = sail.Args(**{k: v for k, v in config.items() if k in sail.Args.__dataclass_fields__})
         args.precision = args.precision or "fp32"  # runs of an older sail.py did not record it
+        tiny_world.use_world(args.tiny_world)  # a variant world's run is scored by its own annotator
     except (OSError, json.JSONDecodeError, TypeError) as error:
         raise sail.InputError(f"{run}: not a sail.py run folder (config.json: {error})")
     # each stage's UNet (SD3, FLUX: transformer), or with LoRA its adapters

@@ -150,6 +150,8 @@ def check_settings(args, world):
         (args.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
         (args.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),
         (args.tiny or not args.oracle_labels, "--oracle-labels needs the tiny world's annotator"),
+        (args.tiny_world in tiny_world.WORLDS, f"--tiny-world must be one of {', '.join(tiny_world.WORLDS)}"),
+        (args.tiny or args.tiny_world == "shapes", "--tiny-world needs the tiny world (--tiny)"),
         (args.lora_rank >= 0, "--lora-rank must be >= 0 (0: full fine-tuning)"),
         (args.lora_alpha is None or args.lora_alpha > 0, "--lora-alpha must be > 0"),
         (args.lora_rank or not args.save_merged,
@@ -333,6 +335,9 @@ def read_data(args, world):
     elif not (args.seed_pairs and args.prompts):
         raise InputError("--seed-pairs and --prompts go together: give both, or neither for "
                          "the default data")
+    if args.tiny:  # the run's world: its annotator, and a variant world's own human pairs
+        tiny_world.use_world(args.tiny_world)
+        args.seed_pairs, args.heldout_pairs = tiny_world.human_pairs(args)
     seed_pairs, heldout = split_heldout(read_seed_pairs(args.seed_pairs), args)
     prompts = read_prompts(args.prompts)
     if args.tiny:

@@ -147,6 +147,7 @@ class Args:
     # --- a control of the tiny world
     oracle_labels: bool = field(default=False, metadata={
         "help": "tiny world: the hidden annotator re-labels each self-labelled pair ('all-labels DPO')"})
+    tiny_world: str = field(default="shapes", metadata={"help": "shapes, offpolicy or taste (docs/evidence-2.md)"})
     # --- a long job: resume, memory (plumbing; none of these changes the algorithm)
     resume: Optional[str] = field(default=None, metadata={
         "help": "continue the interrupted run in this folder where it stopped (its config.json "

@@ -12,9 +12,14 @@ A world small enough for 2 CPU cores in which alignment can be *seen*:
   only the seed pairs carry its labels (and the --oracle-labels control, which says so).
 Seed pairs cover only the "seen" prompts (red/green/blue x square/circle); the other 12 are
 "unseen", so self-labelling has something to carry beyond the human data (SPEC section 4).
+Two variant worlds, each ONE change to this one, test where self-labelling could matter (the second
+evidence study, docs/evidence-2.md): "offpolicy" (the human pairs' images have a background the
+base never draws) and "taste" (the annotator's taste depends on the prompt); `sail.py --tiny-world`
+picks one.
 
     python tiny_world.py pretrain     # rebuild the tiny base; says if it is bit-identical to tiny_base/
     python tiny_world.py seed-pairs   # rebuild the seed and held-out pairs; says the same of them
+    python tiny_world.py seed-pairs --world taste   # a variant world's pairs (worlds/taste/)
 """
 
 import os
@@ -23,6 +28,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # quiet, as sail.py: n
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import argparse
+import collections
 import json
 import math
 import sys
@@ -131,10 +137,86 @@ def fidelity(images, prompts):
 def sample_scores(images, prompts):
     """What each of a stage's samples (B, 3, 16, 16) earns: the annotator's score (all, seen and
     unseen prompts) and whether it still shows its prompt (fidelity, 0 or 1)."""
-    score = annotator_score(images, prompts)
-    seen = torch.tensor([p in SEEN for p in prompts])
+    score = current.annotator(images, prompts)
+    seen = torch.tensor([p in current.seen for p in prompts])
     return {"annotator": score, "annotator/seen": score[seen], "annotator/unseen": score[~seen],
             "fidelity": fidelity(images, prompts).float()}
+
+
+# =================================================================================================
+# The variant worlds of the second evidence study (docs/evidence-2.md): each ONE change to the above
+# =================================================================================================
+
+def offpolicy_images(prompts, generator):
+    """The off-policy world's human images: the world's shapes on a dim, textured grey background
+    that the base model never draws, as Pick-a-Pic's images come from other generators than the
+    model being aligned. Grey stays below 0.25, so fidelity's paint mask ignores it, and the
+    annotator, which scores closeness to the prompted colour, gives it almost nothing."""
+    images = draw_images(prompts, generator)                                   # (B, 3, 16, 16)
+    level = 0.05 + 0.12 * torch.rand(len(prompts), 1, 1, 1, generator=generator)   # (B, 1, 1, 1)
+    texture = 0.04 * torch.rand(len(prompts), 1, SIZE, SIZE, generator=generator)  # (B, 1, 16, 16)
+    background = (images.amax(1, keepdim=True) == 0).float()                   # (B, 1, 16, 16)
+    return images + background * (level + texture)
+
+
+# The taste world: one preference per word of the prompt. Seed pairs cover 6 of the 18 prompts,
+# each colour once and each shape twice: every preference is in the human data, but the other 12
+# prompts are new combinations of them.
+SMALL_SHAPES = ("square",)                  # liked small; circles and triangles liked large
+DIM_COLOURS = ("green", "yellow", "cyan")   # liked at DIM brightness; red, blue, magenta bright
+DIM = 0.5                                   # inside the range the world draws (0.4 to 1)
+TASTE_SEEN = ["a red square", "a green circle", "a blue triangle", "a yellow square",
+              "a magenta circle", "a cyan triangle"]
+
+
+def centred_weight(sigma):
+    """(16, 16): a Gaussian centred on the image, summing to 1."""
+    grid = torch.arange(SIZE, dtype=torch.float32) - (SIZE - 1) / 2
+    weight = torch.exp(-(grid.view(-1, 1) ** 2 + grid.view(1, -1) ** 2) / (2 * sigma ** 2))
+    return weight / weight.sum()
+
+
+def taste_score(images, prompts):
+    """The taste world's annotator: the shapes world's, with brightness and size preferences that
+    depend on the prompt. Paint is matched against level x colour (dividing the pixel by the
+    level: 1, or DIM for a dim colour). Large shapes weigh paint by the centred Gaussian (sigma
+    4 px) as before, so more paint scores more; small ones by a centre-surround weight (sigma 1.5
+    minus sigma 4, summing to 0), so paint beyond ~3 px from the centre costs (below 0 is possible).
+
+    score = 100 * sum_pixels w_shape(p) * exp(-||pixel / level_colour - colour||^2 / 0.2)
+    """
+    colour, shape = zip(*(parse_prompt(p) for p in prompts))
+    rgb = torch.tensor([COLOURS[c] for c in colour]).view(-1, 3, 1, 1)
+    level = torch.tensor([DIM if c in DIM_COLOURS else 1.0 for c in colour]).view(-1, 1, 1, 1)
+    match = torch.exp(-((images / level - rgb) ** 2).sum(1) / 0.2)            # (B, 16, 16)
+    large, small = centred_weight(4.0), centred_weight(1.5) - centred_weight(4.0)
+    weight = torch.stack([small if s in SMALL_SHAPES else large for s in shape])  # (B, 16, 16)
+    return 100 * (match * weight).sum((1, 2))                                  # (B,)
+
+
+# A world: where its human pairs live, how their images are drawn, who labels them, which prompts
+# they cover. The shapes world is the one every earlier figure was measured in.
+World = collections.namedtuple("World", "folder human_images annotator seen")
+WORLDS = {"shapes": World(HERE, draw_images, annotator_score, SEEN),
+          "offpolicy": World(HERE / "worlds" / "offpolicy", offpolicy_images, annotator_score, SEEN),
+          "taste": World(HERE / "worlds" / "taste", draw_images, taste_score, TASTE_SEEN)}
+current = WORLDS["shapes"]  # the world of the run in this process: plumbing's read_data sets it
+
+
+def use_world(name):
+    """From now on, score samples and check self-labels with world `name`'s annotator."""
+    global current  # one run at a time per process, as one base model
+    current = WORLDS[name]
+
+
+def human_pairs(args):
+    """(seed pairs, held-out pairs) of a run in world `args.tiny_world`: a variant world's own
+    files replace the shapes world's shipped ones (other images, or another annotator's labels);
+    files given by hand are kept."""
+    folder = WORLDS[args.tiny_world].folder
+    return tuple(str(folder / shipped.name) if path and Path(path).resolve() == shipped else path
+                 for path, shipped in ((args.seed_pairs, SEED_PAIRS),
+                                       (args.heldout_pairs, HELDOUT_PAIRS)))
 
 
 # =================================================================================================
@@ -159,7 +241,7 @@ def annotator_agrees(pairs):
     prompts = [p["prompt"] for p in pairs]
     chosen, rejected = (torch.stack([read_png(p[key]) for p in pairs])
                         for key in ("chosen", "rejected"))                      # (P, 3, 16, 16)
-    return annotator_score(chosen, prompts) > annotator_score(rejected, prompts)
+    return current.annotator(chosen, prompts) > current.annotator(rejected, prompts)
 
 
 def annotator_relabel(pairs):
@@ -315,8 +397,8 @@ def pretrain(out, steps=PRETRAIN_STEPS, seed=0):
 # The human data: seed pairs and held-out pairs, labelled by the annotator
 # =================================================================================================
 
-def write_seed_pairs(folder, seed=0):
-    """Write the tiny world's human pairs: world images of the seen prompts, annotator-labelled.
+def write_seed_pairs(folder, seed=0, world="shapes"):
+    """Write a world's human pairs: its images of its seen prompts, labelled by its annotator.
 
     Like Pick-a-Pic, two images of the same prompt; the annotator picks the one it prefers, and
     near-ties (< 1 point apart) are dropped, as Diffusion-DPO drops tied human labels. The seed set
@@ -325,14 +407,16 @@ def write_seed_pairs(folder, seed=0):
     """
     folder = Path(folder)
     (folder / "seed_images").mkdir(parents=True)
+    human_images, annotator, seen = (WORLDS[world].human_images, WORLDS[world].annotator,
+                                     WORLDS[world].seen)
     generator = torch.Generator().manual_seed(seed)
     for file, prefix, count in (("seed_pairs.json", "", N_SEED_PAIRS),
                                 ("heldout_pairs.json", "heldout_", N_HELDOUT_PAIRS)):
         pairs = []
         while len(pairs) < count:
-            prompt = SEEN[len(pairs) % len(SEEN)]
-            images = draw_images([prompt, prompt], generator)                   # (2, 3, 16, 16)
-            score = annotator_score(images, [prompt, prompt])
+            prompt = seen[len(pairs) % len(seen)]
+            images = human_images([prompt, prompt], generator)                  # (2, 3, 16, 16)
+            score = annotator(images, [prompt, prompt])
             if abs(score[0] - score[1]) < 1.0:
                 continue
             winner = int(score.argmax())
@@ -396,6 +480,9 @@ def main(argv=None):
                        help="folder to write, must not exist (default: %(default)s)")
     pairs.add_argument("--seed", type=int, default=0, help="seed of every draw; the shipped pairs: 0 "
                        "(default: %(default)s)")
+    pairs.add_argument("--world", choices=WORLDS, default="shapes", help="whose pairs: the shapes "
+                       "world's ship beside this file, a variant's in worlds/<world>/ (default: "
+                       "%(default)s)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.exists():
@@ -408,9 +495,10 @@ def main(argv=None):
         if out.resolve() != BASE and args.steps == PRETRAIN_STEPS and args.seed == 0:
             report(out, BASE, "the tiny base")
     else:
-        write_seed_pairs(out, args.seed)
+        write_seed_pairs(out, args.seed, args.world)
         if args.seed == 0:
-            report(out, HERE, "the seed and held-out pairs")
+            report(out, WORLDS[args.world].folder, "the seed and held-out pairs"
+                   + ("" if args.world == "shapes" else f" of the {args.world} world"))
     return 0
 
 

@@ -441,9 +441,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def cast_frozen_models(pipe, precision):
     """Text encoders and VAE to `precision`; a VAE whose config asks to stay fp32 (force_upcast:
     SD's and SDXL's VAEs overflow in fp16) stays fp32 in fp16 runs."""
-    dtype = DTYPES[precision]
+    dtype, trained = DTYPES[precision], denoiser(pipe)
     for name, part in pipe.components.items():
-        if isinstance(part, torch.nn.Module) and name not in ("unet", "transformer"):
+        if isinstance(part, torch.nn.Module) and part is not trained:
             upcast = name == "vae" and dtype == torch.float16 and part.config.force_upcast
             part.to(torch.float32 if upcast else dtype)
 

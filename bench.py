@@ -338,7 +338,7 @@ def memory(device, pairs, resolution, out):
 
 
 # ------------------------------------------------------------------------------------------------
-# --gpu-figures: the README's GPU figures in one short session on one GPU (issue 17)
+# --gpu-figures: the README's GPU figures in one short session on one GPU
 # ------------------------------------------------------------------------------------------------
 # One process, at most 8 minutes with model construction, SD 1.5 and SDXL shapes with random
 # weights (no downloads):
@@ -1183,7 +1183,7 @@ def main(argv=None):
                         help="instead: Eq. 8 per --reward-precision on a tiny-world run's step-0 "
                              "model against its base (the README's tiny-world table)")
     parser.add_argument("--gpu-figures", action="store_true",
-                        help="instead: the GPU figures of issue 17 in one run of at most 8 "
+                        help="instead: the GPU figures (docs/real-models.md) in one run of at most 8 "
                              "minutes (parts 1-4, see the section's comment in bench.py)")
     parser.add_argument("--toy", action="store_true",
                         help="--gpu-figures only: toy sizes and tiny models (CPU, seconds)")

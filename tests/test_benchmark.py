@@ -1,0 +1,106 @@
+"""bench.py: the CPU benchmark and --gpu-figures at toy sizes."""
+
+import csv
+
+import torch
+
+import sail
+from conftest import HAS_MATPLOTLIB
+
+
+def test_benchmark_quick_size_writes_its_tables_and_plot(tmp_path, tiny_base):
+    import bench
+    out = tmp_path / "bench"
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["measure", "setting", "value", "seconds", "per_second", "unit",
+                             "peak_mb"]
+    measures = {r["measure"] for r in rows}
+    assert {"stage: generation", "stage: ranking", "stage: DPO", "reward: batched", "reward: loop",
+            "dpo: concatenated", "dpo: separate"} <= measures
+    assert all(float(r["seconds"]) > 0 for r in rows)
+    text = (out / "results.md").read_text()
+    assert "Batched implicit reward vs loop" in text and "concatenated vs separate" in text
+    assert (out / "scaling.png").exists() == HAS_MATPLOTLIB
+
+
+# -------------------------------------------------------------------------------------------------
+# bench.py --gpu-figures (the GPU figures of the README) at toy sizes on the CPU: every code path
+# of the GPU run executes here, so a typo cannot waste GPU time
+# -------------------------------------------------------------------------------------------------
+
+def figure_rows(out):
+    with open(out / "results.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_gpu_figures_toy_writes_every_row_of_every_part(tmp_path):
+    import bench
+    out = tmp_path / "figures"
+    assert bench.main(["--gpu-figures", "--toy", "--out", str(out)]) == 0
+    rows = figure_rows(out)
+    assert list(rows[0]) == bench.FIGURE_FIELDS
+    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    # part 1: every stage of a whole sail.py --iters 1, per precision
+    for precision in ("fp32", "bf16", "fp16"):
+        stages = [r["measure"] for r in rows if r["part"] == "1" and r["precision"] == precision]
+        assert {"whole run (sail.main)", "load model", "evaluation (sample, grid)",
+                "self-labelling (generate, rank, decode pair)", "generation: candidates",
+                "generation: evaluation images", "ranking (Eq. 8)", "DPO iter_0",
+                "DPO iter_1"} == set(stages)
+        rates = {r["measure"]: float(r["per_second"]) for r in rows
+                 if r["part"] == "1" and r["precision"] == precision and r["per_second"]}
+        assert set(rates) == {"generation: candidates", "generation: evaluation images",
+                              "ranking (Eq. 8)", "DPO iter_0", "DPO iter_1"}
+    candidates = [r for r in rows if r["measure"] == "generation: candidates"]
+    assert {int(r["units"]) for r in candidates} == {bench.TOY_SIZES["n_candidates"]}
+    # a stage's peak memory counts the stages inside it
+    for precision in ("fp32", "bf16", "fp16"):
+        peak = {r["measure"]: float(r["peak_gib"]) for r in rows
+                if r["part"] == "1" and r["precision"] == precision}
+        assert peak["whole run (sail.main)"] >= max(peak.values())
+    # part 2: official step and sail.py's, same batch
+    part2 = [r for r in rows if r["part"] == "2"]
+    assert [(r["measure"], r["precision"]) for r in part2] == [
+        ("official train.py step", "fp16"), ("sail.diffusion_dpo step", "fp16"),
+        ("sail.diffusion_dpo step", "bf16"), ("sail.diffusion_dpo step", "bf16"),
+        ("sail.diffusion_dpo step", "bf16")]
+    batch = f"{bench.TOY_SIZES['dpo_pairs']} pairs/step"
+    assert [r["setting"] for r in part2] == [batch] * 3 + [f"{batch}, 5 steps per call", batch]
+    assert int(part2[3]["units"]) == 5 * bench.TOY_SIZES["dpo_pairs"]
+    # part 3: one row per judge and move of theta, each with its spread and the real one
+    part3 = [r for r in rows if r["part"] == "3"]
+    assert [r["measure"] for r in part3] == [
+        f"Eq. 8 spread, judge {judge}" for judge in ("fp32", "fp16", "bf16")] * 2
+    assert ["at 1 x lr" in r["setting"] for r in part3] == [True] * 3 + [False] * 3
+    # the fp32 judge is the truth: no error against itself
+    assert float(part3[0]["value"]) == 0 and float(part3[3]["value"]) == 0
+    assert all("real spread" in r["note"] and "changed vs fp32" in r["note"] for r in part3)
+    # part 4: SDXL with and without gradient checkpointing
+    assert len([r for r in rows if r["part"] == "4" and r["per_second"]]) == 2
+    text = (out / "results.md").read_text()
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "/ official: pairs/s"):
+        assert heading in text
+    assert "part 4: SDXL-shaped pipeline built" in (out / "log").read_text()
+
+
+def test_gpu_figures_records_out_of_memory_and_the_time_budget(tmp_path, monkeypatch):
+    import bench
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(sail, "diffusion_dpo", out_of_memory)
+    out = tmp_path / "oom"
+    assert bench.main(["--gpu-figures", "--toy", "--parts", "1,4", "--precisions", "bf16",
+                       "--out", str(out)]) == 0
+    rows = figure_rows(out)
+    assert [r["status"] for r in rows if r["part"] == "4"] == ["OOM", "OOM"]
+    # part 1: the stage that ran out is a row, and so is the run it stopped
+    part1 = {r["measure"]: r["status"] for r in rows if r["part"] == "1"}
+    assert part1["DPO iter_0"] == part1["whole run (sail.main)"] == part1["whole run"] == "OOM"
+    monkeypatch.undo()
+    out = tmp_path / "budget"
+    assert bench.main(["--gpu-figures", "--toy", "--parts", "2,3", "--budget-s", "1",
+                       "--out", str(out)]) == 0
+    assert [r["status"].split(":")[0] for r in figure_rows(out) if r["part"] in ("2", "3")] == [
+        "skipped", "skipped"]

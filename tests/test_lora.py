@@ -1,0 +1,164 @@
+"""LoRA (--lora-rank): adapters, the reference with them off, stages loaded back, resume."""
+
+import csv
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+import plumbing
+import sail
+from conftest import (LORA, RESUMABLE, TINY_DATA, WIRED, WIRED_STAGES, Crash,
+                      assert_same_up_to_rounding, count_calls, denoises, needs_peft, records,
+                      same_model, saved_unet, torchrun)
+
+# -------------------------------------------------------------------------------------------------
+# LoRA (--lora-rank): adapters train, the reference is the UNet with them off, stages load back
+# -------------------------------------------------------------------------------------------------
+
+def load_stage_the_readme_way(base, run, stage):
+    """The README's lines: stage iter_i = the base pipeline + the adapters of rounds 0..i."""
+    pipe = StableDiffusionPipeline.from_pretrained(base)
+    stages = [f"iter_{i}" for i in range(int(stage.split("_")[1]) + 1)]
+    for name in stages:
+        pipe.load_lora_weights(run / name / "lora", adapter_name=name)
+    pipe.set_adapters(stages)
+    return pipe
+
+
+@pytest.mark.parametrize("wired_run", [pytest.param("lora", marks=needs_peft)], indirect=True)
+def test_lora_stages_load_from_the_base_and_denoise_as_trained(wired_run, wired_models):
+    out, seen = wired_run
+    for stage in WIRED_STAGES[1:]:
+        pipe = load_stage_the_readme_way(out / "tiny_base", out, stage)
+        assert same_model(denoises(pipe.unet), wired_models[stage]), stage
+        # the adapters of earlier rounds are part of the model: the last round's alone is not it
+        alone = StableDiffusionPipeline.from_pretrained(out / "tiny_base")
+        alone.load_lora_weights(out / stage / "lora")
+        assert stage == "iter_0" or not same_model(denoises(alone.unet), wired_models[stage])
+    # and the trained model itself, as the next round started from it, denoised the same
+    assert same_model(seen["dpo"][-1]["theta"], denoises(
+        load_stage_the_readme_way(out / "tiny_base", out, "iter_1").unet))
+
+
+@pytest.mark.parametrize("wired_run", [pytest.param("lora", marks=needs_peft)], indirect=True)
+def test_lora_trains_only_the_attention_projections(wired_run):
+    """Every weight LoRA does not adapt is the base's, bit for bit, after three merged rounds."""
+    out, _ = wired_run
+    base, final = saved_unet(out, "base").state_dict(), saved_unet(out, "iter_2").state_dict()
+    adapted = [name for name in base if name.endswith(  # W += (alpha / r) B A; biases stay
+        tuple(f".{module}.weight" for module in plumbing.LORA_MODULES))]
+    assert adapted and all(not torch.equal(base[name], final[name]) for name in adapted)
+    assert all(torch.equal(base[name], final[name]) for name in base if name not in adapted)
+
+
+@pytest.mark.parametrize("wired_run", [pytest.param("lora", marks=needs_peft)], indirect=True)
+def test_a_lora_run_killed_mid_stage_is_finished_by_two_processes(wired_run, tmp_path,
+                                                                  monkeypatch):
+    """Killed at iter_1's second DPO step (its checkpoint: the adapters and their AdamW state
+    only), the run is resumed by torchrun in two processes: base + iter_0's adapters merged,
+    iter_1's adapters from the checkpoint; the result is the uninterrupted run's."""
+    expected, _ = wired_run
+    out = tmp_path / "run"
+    count_calls(monkeypatch, "dpo_loss", crash_at=5)  # iter_0: 3 steps; iter_1: step 2
+    with pytest.raises(Crash):
+        sail.main([*WIRED, *LORA, "--out", str(out), "--checkpoint-every", "1"])
+    checkpoint = torch.load(out / "checkpoints" / "iter_1-step000001.pt", weights_only=True)
+    assert checkpoint["unet"] and all(".lora_" in name for name in checkpoint["unet"])
+    torchrun("--resume", str(out))
+    assert_same_up_to_rounding(expected, out)
+
+
+@needs_peft
+def test_lora_adapters_are_scaled_alpha_over_rank_and_start_at_zero_from_their_own_seed(tiny_base):
+    args = sail.parse_args(["--tiny", "--lora-rank", "4", "--lora-alpha", "8"])
+    unets = [UNet2DConditionModel.from_pretrained(Path(tiny_base) / "unet") for _ in range(2)]
+    refs = []
+    for global_seed, unet in enumerate(unets):  # the global generator must not matter
+        torch.manual_seed(global_seed)
+        refs.append(plumbing.begin_lora_round(unet, args, "iter_0"))
+    layers = [unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_q for unet in unets]
+    assert layers[0].r["iter_0"] == 4 and layers[0].scaling["iter_0"] == 2.0  # alpha / r
+    assert not layers[0].lora_B["iter_0"].weight.any()  # B = 0: theta == ref at step 1
+    assert torch.equal(layers[0].lora_A["iter_0"].weight, layers[1].lora_A["iter_0"].weight)
+    assert layers[0].lora_A["iter_0"].weight.std().item() == pytest.approx(1 / 4, rel=0.2)
+    assert torch.equal(denoises(unets[0]), denoises(refs[0]))
+    assert [n for n, p in unets[0].named_parameters() if p.requires_grad] == [
+        n for n, _ in unets[0].named_parameters() if ".lora_" in n]
+
+
+@needs_peft
+def test_lora_defaults_and_bad_values(tiny_base, tmp_path, capsys, earlier_run):
+    assert sail.parse_args(["--tiny", "--lora-rank", "4"]).lr == plumbing.LORA_LR["tiny"]
+    assert sail.parse_args(["--tiny", "--lora-rank", "4", "--lr", "0.5"]).lr == 0.5
+    assert sail.parse_args(["--model", str(tiny_base), "--lora-rank", "4"]).lr == plumbing.LORA_LR["real"]
+    for flags, message in [(["--lora-rank", "-1"], "--lora-rank must be >= 0"),
+                           (["--lora-rank", "4", "--lora-alpha", "0"], "--lora-alpha must be > 0"),
+                           (["--save-merged"], "--save-merged needs --lora-rank")]:
+        code = sail.main(["--tiny", "--out", str(earlier_run), *flags])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in earlier_run.iterdir()) == ["metrics.jsonl"]
+
+
+@needs_peft
+def test_lora_on_a_unet_without_attention_exits_2_before_writing(tmp_path, tiny_base, capsys):
+    model = tmp_path / "no-attention"
+    base = StableDiffusionPipeline.from_pretrained(tiny_base)
+    base.unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+        mid_block_type=None, cross_attention_dim=32, norm_num_groups=8)
+    base.save_pretrained(model)
+    code = sail.main(["--model", str(model), "--lora-rank", "4", "--out", str(tmp_path / "o"),
+                      *TINY_DATA])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "has none of the attention projections LoRA adapts (to_q, to_k" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_lora_without_peft_installed_exits_2_naming_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
+    code = sail.main(["--tiny", "--lora-rank", "4", "--out", str(tmp_path / "o")])
+    assert code == 2 and "--lora-rank needs the peft package: pip install peft" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("wired_run", [pytest.param("lora", marks=needs_peft)], indirect=True)
+def test_evaluate_scores_a_lora_run_through_its_adapters_as_its_merged_unets(wired_run, tmp_path):
+    """evaluate.py loads a LoRA run's stages as base + adapters; the same run read through its
+    merged UNets (config.json saying full fine-tuning) scores the same."""
+    import evaluate
+    out, _ = wired_run
+    merged = tmp_path / "as-merged"
+    shutil.copytree(out, merged)
+    config = json.loads((merged / "config.json").read_text())
+    (merged / "config.json").write_text(json.dumps({**config, "lora_rank": 0}))
+    tables = []
+    for run in (out, merged):
+        assert evaluate.main([str(run), "--seeds", "1", "--models", "iter_2,base,iter_1",
+                              "--out", str(tmp_path / run.name / "eval")]) == 0
+        with open(tmp_path / run.name / "eval" / "results.csv") as handle:
+            tables.append(list(csv.DictReader(handle)))
+    assert [r["model"] for r in tables[0]] == ["iter_2", "base", "iter_1"]
+    for lora, full in zip(*tables):
+        assert float(lora["annotator"]) == pytest.approx(float(full["annotator"]), abs=1e-3)
+    assert tables[0][0]["annotator"] != tables[0][1]["annotator"]  # the stages differ
+
+
+@needs_peft
+def test_gradient_checkpointing_trains_lora_adapters_as_without_it(tmp_path):
+    """Checkpointed blocks whose inputs need no gradient must still pass one to the adapters."""
+    losses = []
+    for flags in ([], ["--gradient-checkpointing"]):
+        out = tmp_path / f"run{len(losses)}"
+        assert sail.main([*RESUMABLE, "--iters", "0", "--dpo-steps", "3", *LORA[:2],
+                          "--out", str(out), *flags]) == 0
+        losses.append([r["loss"] for r in records(out) if "step" in r])
+    assert losses[0] == losses[1] and abs(losses[0][-1] - math.log(2)) > 1e-3

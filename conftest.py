@@ -297,11 +297,11 @@ def saved_unet(out, stage):
 
 def spy_on_sail(monkeypatch):
     """Wrap sail's steps so that a run records what each was given; returns the records."""
-    seen = {"dpo": [], "judge": [], "evaluate": []}
+    seen = {"dpo": [], "judge": [], "evaluate": [], "heldout": []}
     context = [None]  # the record of the step running now: a DPO stage, a judging call, an evaluation
     real = {name: getattr(sail, name) for name in (
         "diffusion_dpo", "dpo_step_data", "denoising_error", "make_optimizer", "judge_candidates",
-        "generate", "implicit_reward", "evaluate")}
+        "generate", "implicit_reward", "evaluate", "judge_agreement")}
 
     def within(record, call):
         context[0] = record
@@ -379,6 +379,10 @@ def spy_on_sail(monkeypatch):
                                      "ref": denoises(ref_unet), "k": given["k"],
                                      "beta": given["beta"]})
         return rewards
+
+    def judge_agreement(pipe, judge_ref, heldout, args):  # once per trained stage, in run order
+        seen["heldout"].append({"theta": denoises(pipe.unet), "ref": denoises(judge_ref)})
+        return real["judge_agreement"](pipe, judge_ref, heldout, args)
 
     def evaluate(pipe, args, folder, eval_prompts):
         record = {"stage": Path(folder).name}

@@ -1,13 +1,16 @@
-"""Mutation check of test_sail.py: does the suite notice one-line bugs in how sail.py is wired?
+"""Mutation check of the test suite: does it notice one-line bugs in how sail.py is wired?
 
 Each mutant changes ONE line of sail.py (or of plumbing.py, where named): `original` must occur
 exactly once in that file (a stale
 mutant, whose line moved or changed, fails loudly instead of silently testing nothing). For each
 mutant the repository is copied to a temporary folder, the line is changed there, and
-`python -m pytest -x -q -p no:cacheprovider test_sail.py` runs on the copy; a failing (or erroring,
-or hanging) suite has caught the mutant. The tests of the wiring block at the end of test_sail.py
-run first, so a caught mutant usually costs ~40 s instead of a whole suite (the verdict is the
-same: the whole suite still runs when nothing fails).
+`python -m pytest -x -q -p no:cacheprovider` (test_sail.py and tests/) runs on the copy. A mutant
+is caught when a test fails on an assertion (or the suite hangs). A mutant whose first failure is
+a NameError, ImportError, SyntaxError or UnboundLocalError, in the test process or in a sail.py it
+started, does not run at all: it is reported as `broken`, never as caught, and the check fails
+until it is mended. The tests of the wiring block at the end of test_sail.py run first, so a
+caught mutant usually costs ~40 s instead of a whole suite (the verdict is the same: the whole
+suite still runs when nothing fails).
 
     python mutants.py                         # every mutant, one after another (~20-40 min)
     python mutants.py --only ref-not-refreshed --only eval-noise-per-stage
@@ -54,10 +57,9 @@ MUTANTS = [
     ("eq8-theta-and-ref-swapped", "rewards = implicit_reward(denoiser(pipe), judge_ref, candidates,",
      "rewards = implicit_reward(judge_ref, denoiser(pipe), candidates,"),
     ("candidates-sampled-with-ddpm", "    set_sampler(pipe, args)", "    pass"),
-    # 5. winner and loser conditioned differently (empty-prompt dropout on the winners only)
-    ("one-sided-cfg-dropout", "cond = map_cond(lambda v: torch.cat([v, v]),",
-     "cond = map_cond(lambda v: torch.cat([v, encode_text(pipe, [p['prompt'] for p in "
-     "batch[part]], args)['encoder_hidden_states']]),"),
+    # 5. winner and loser conditioned differently (each loser gets another pair's prompt)
+    ("loser-conditioned-on-another-prompt", "cond = map_cond(lambda v: torch.cat([v, v]), cond)",
+     "cond = map_cond(lambda v: torch.cat([v, v.roll(1, 0)]), cond)"),
     ("cfg-dropout-ignored",
      'prompts = ["" if drop else pair["prompt"] for drop, pair in zip(dropped, batch)]',
      'prompts = [pair["prompt"] for pair in batch]'),
@@ -122,18 +124,24 @@ MUTANTS = [
     # expected to survive: with one micro-batch per step, clip + AdamW are blind to a loss scale
     ("micro-batch-loss-not-averaged", "scaler.scale(loss / len(mine)).backward()",
      "scaler.scale(loss).backward()"),
-    # the real path (issue 12): held-out data, evaluation prompts, warm-up, fp16, the judge
+    # the real path: held-out data, evaluation prompts, warm-up, fp16, the judge
     ("heldout-pairs-also-trained", "return ([pair for i, pair in enumerate(seed_pairs) if i not in held],",
      "return (list(seed_pairs),", "plumbing.py"),
     ("eval-prompts-also-trained", "return [p for p in prompts if p not in held], held[::-1]",
      "return prompts, held[::-1]", "plumbing.py"),
     ("judge-acc-against-the-current-model", "judge_base, run.stages.index(stage) - 1,",
      "judge_base, run.stages.index(stage),"),
+    # the held-out judge reads backwards; ignores --reward-ref prev (judges against the base)
+    ("heldout-judge-winner-loser-swapped", "r_w, r_l = rewards.chunk(2)  ",
+     "r_l, r_w = rewards.chunk(2)  "),
+    ("heldout-judge-always-against-the-base",
+     "judge_ref = reward_reference(args, run, judge_base, run.stages.index(stage) - 1,",
+     "judge_ref = reward_reference(args, run, judge_base, 0,"),
     ("warmup-ignored", "lr = args.lr * min(1.0, (step + 1) / (warmup + 1))", "lr = args.lr"),
     ("fp16-overflow-skipped-not-redone", "if scaler.get_scale() >= scale:  # the step was taken",
      "if True:"),
     ("fp16-scale-not-carried", '"loss_scale", 2.0 ** 16)', '"no such key", 2.0 ** 16)', "plumbing.py"),
-    # LoRA (issue 14): the reference is the UNet with its adapters off, rounds merge, stages load
+    # LoRA: the reference is the UNet with its adapters off, rounds merge, stages load
     ("lora-reference-keeps-adapters-on", "self.unet.disable_adapters()", "pass", "plumbing.py"),
     ("lora-previous-round-dropped-not-merged", "unet.fuse_lora()", "pass", "plumbing.py"),
     ("lora-trains-every-weight", "if not args.lora_rank:  # LoRA: only the adapters",
@@ -142,12 +150,14 @@ MUTANTS = [
      "pass", "plumbing.py"),
     ("lora-alpha-ignored", "lora_alpha=args.lora_alpha or args.lora_rank,", "lora_alpha=args.lora_rank,",
      "plumbing.py"),
+    ("lora-default-alpha-one", "lora_alpha=args.lora_alpha or args.lora_rank,",
+     "lora_alpha=args.lora_alpha or 1,", "plumbing.py"),
     ("lora-resume-loads-only-the-last-round", "    for stage in stages:",
      "    for stage in stages[-1:]:", "plumbing.py"),
     ("lora-reward-ref-prev-is-the-current-model", "return AdaptersOff(unet)", "return unet"),
     ("checkpoint-not-restored", 'unet.load_state_dict({**unet.state_dict(), **checkpoint["unet"]})',
      "pass"),
-    # flow-matching models (issue 15): Eq. RF, the time the model is told, FLUX's packing
+    # flow-matching models: Eq. RF, the time the model is told, FLUX's packing
     ("flow-noising-ends-swapped", "return (1 - sigma) * x0 + sigma * noise",
      "return sigma * x0 + (1 - sigma) * noise"),
     ("flow-velocity-sign-flipped", "return noise - x0", "return x0 - noise"),
@@ -190,18 +200,19 @@ def copy_repository(into, source=HERE):
 
 
 def wiring_first(folder):
-    """Node ids of test_sail.py, the wiring block's tests first, then the rest in file order."""
+    """Node ids of the whole suite, test_sail.py's wiring block first, then the rest in order."""
     result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
-                             "-p", "no:cacheprovider", "test_sail.py"],
+                             "-p", "no:cacheprovider"],
                             cwd=folder, capture_output=True, text=True, env=environment())
-    ids = [line for line in result.stdout.splitlines() if line.startswith("test_sail.py::")]
+    ids = [line for line in result.stdout.splitlines() if "::" in line]
     if not ids:
-        raise SystemExit("could not collect test_sail.py:\n" + result.stdout + result.stderr)
+        raise SystemExit("could not collect the suite:\n" + result.stdout + result.stderr)
     text = (folder / "test_sail.py").read_text()
     block = text[text.index(BANNER):] if BANNER in text else ""
     wiring = set(re.findall(r"^def (test_\w+)", block, flags=re.M))
-    name = lambda node: node.split("::")[1].split("[")[0]  # noqa: E731
-    return ([n for n in ids if name(n) in wiring] + [n for n in ids if name(n) not in wiring])
+    wired = lambda node: (node.startswith("test_sail.py::")  # noqa: E731
+                          and node.split("::")[1].split("[")[0] in wiring)
+    return [n for n in ids if wired(n)] + [n for n in ids if not wired(n)]
 
 
 def environment():
@@ -209,15 +220,20 @@ def environment():
             "TQDM_DISABLE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
+# A mutant that does not even run: its first failure is one of these, not a failed assertion.
+BROKEN = re.compile(r"\b(NameError|ImportError|ModuleNotFoundError|SyntaxError|UnboundLocalError)\b")
+
+
 def run_suite(folder, node_ids, keyword, timeout, deselect=(), stop_at_first=True):
-    """(verdict, failing tests, seconds); verdict 'missed' when every selected test passes."""
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    """(verdict, failing tests, seconds); verdict 'missed' when every selected test passes,
+    'broken' when the first failure is the mutant not running (BROKEN) rather than an assertion."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=short"]
     command += ["-x"] if stop_at_first else []
     command += ["-k", keyword] if keyword else []
     if node_ids:
         command += [node for node in node_ids if node not in deselect]
     else:
-        command += ["test_sail.py", *(f"--deselect={node}" for node in deselect)]
+        command += [f"--deselect={node}" for node in deselect]
     started = time.time()
     try:
         result = subprocess.run(command, cwd=folder, capture_output=True, text=True,
@@ -230,6 +246,9 @@ def run_suite(folder, node_ids, keyword, timeout, deselect=(), stop_at_first=Tru
         return "missed", [], seconds
     if result.returncode == 5:  # -k selected nothing
         return "missed", ["(no test selected)"], seconds
+    broken = BROKEN.search(result.stdout)
+    if broken:  # the traceback (or a subprocess's stderr inside it) names why the code never ran
+        return "broken", [f"{broken.group(1)}: {(failed or ['?'])[0]}"], seconds
     return "caught", failed or [result.stdout[-300:].strip()], seconds
 
 
@@ -271,7 +290,7 @@ def main():
                                                  deselect, stop_at_first=False)
             print(f"baseline ({seconds:.0f} s): " + ("passes" if verdict == "missed" else
                   "fails, left out of every verdict: " + " ".join(failed)), flush=True)
-            deselect += [node for node in failed if node.startswith("test_sail.py::")]
+            deselect += [node for node in failed if "::" in node]
         for name, original, replacement, file in chosen:
             folder = Path(scratch) / name
             copy_repository(folder, pristine)  # edits made while it runs do not leak in
@@ -285,9 +304,12 @@ def main():
     caught = sum(verdict.startswith("caught") for _, verdict, _ in results)
     print(f"\n{caught} of {len(results)} mutants caught")
     missed = [name for name, verdict, _ in results if verdict == "missed"]
+    broken = [name for name, verdict, _ in results if verdict == "broken"]
     if missed:
         print("missed: " + ", ".join(missed))
-    return 0 if not missed else 1
+    if broken:
+        print("broken (the mutated code does not run; mend the mutant): " + ", ".join(broken))
+    return 0 if not (missed or broken) else 1
 
 
 if __name__ == "__main__":

@@ -355,6 +355,27 @@ def test_judge_agreement_is_one_minus_itself_on_flipped_pairs_and_half_at_theta_
     assert sail.judge_agreement(pipe, pipe.unet, held, args) == 0.5  # theta == ref: all ties
 
 
+def test_judge_agreement_is_a_plain_loop_over_eq8_with_the_human_winner_first(pipe):
+    """judge_acc/heldout = mean over pairs of 1[r(y, x_w) > r(y, x_l)] (1/2 on a tie), each image
+    at its VAE posterior mean, each judged alone with the held-out judge's K draws (Eq. 8)."""
+    held = plumbing.read_seed_pairs(HERE / "heldout_pairs.json")[:7]  # odd: never exactly 1/2
+    args = argparse_like(seed=0, resolution=16, reward_batch=40, k_draws=2, beta=5000.0,
+                         reward_precision="fp32")
+    theta = copy.deepcopy(pipe)
+    theta.unet = perturbed(pipe.unet, scale=0.05)
+    shape = plumbing.latent_shape_of(pipe, 16)                                   # (C, h, w)
+    scores = []
+    for pair in held:
+        cond = cond_for(pipe, [pair["prompt"]])
+        r_w, r_l = [sail.implicit_reward(theta.unet, pipe.unet, sail.encode_images(
+            pipe.vae, plumbing.load_image(pair[key], 16)[None], torch.zeros(1, *shape)),  # the mean
+            cond, pipe.scheduler, 5000.0, 2, plumbing.seeded(0, "heldout"))
+            for key in ("chosen", "rejected")]                                   # winner first
+        scores.append(0.5 if torch.isclose(r_w, r_l) else float(r_w > r_l))
+    assert sail.judge_agreement(theta, pipe.unet, held, args) == pytest.approx(sum(scores) / 7)
+    assert sum(scores) / 7 != 0.5  # a judge read backwards (1 - s) would differ
+
+
 def test_flow_noising_target_and_timestep_follow_eq_rf():
     """Eq. RF against its own formulas: SD3's schedule shifts sigma = s by 3 s / (1 + 2 s)."""
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
@@ -676,6 +697,19 @@ def test_a_resume_after_two_finished_stages_continues_from_the_last(wired_run, t
     assert records(run) == records(out)
     ours, theirs = saved_unet(run, "iter_2").state_dict(), saved_unet(out, "iter_2").state_dict()
     assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+
+
+def test_each_stage_judges_its_held_out_pairs_against_the_reference_of_its_round(wired_run,
+                                                                                wired_models):
+    """The held-out judge after stage i: eps^i against the reward reference iteration i+1 will
+    self-label with (here --reward-ref prev: eps^{i-1}; the base after step 0), as pinned for
+    self-labelling above. The base instead would pass every other check on judge_acc/heldout."""
+    _, seen = wired_run
+    expected = {"iter_0": "base", "iter_1": "iter_0", "iter_2": "iter_1"}
+    assert len(seen["heldout"]) == len(expected)
+    for stage, record in zip(expected, seen["heldout"]):
+        assert same_model(record["theta"], wired_models[stage]), stage
+        assert same_model(record["ref"], wired_models[expected[stage]]), stage
 
 
 def test_every_trained_stage_measures_its_judge_on_the_held_out_pairs(wired_run):

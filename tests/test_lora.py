@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors import safe_open
 
 import plumbing
 import sail
@@ -90,6 +91,20 @@ def test_lora_adapters_are_scaled_alpha_over_rank_and_start_at_zero_from_their_o
     assert torch.equal(denoises(unets[0]), denoises(refs[0]))
     assert [n for n, p in unets[0].named_parameters() if p.requires_grad] == [
         n for n, _ in unets[0].named_parameters() if ".lora_" in n]
+
+
+@needs_peft
+def test_lora_default_alpha_is_the_rank_in_training_and_in_the_saved_adapters(tiny_base, tmp_path):
+    """No --lora-alpha: alpha = rank, so the update B A is applied unscaled (alpha / r = 1), and
+    the saved adapters say so, as diffusers' load_lora_weights will read them."""
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base)
+    plumbing.begin_lora_round(pipe.unet, sail.parse_args(["--tiny", "--lora-rank", "4"]), "iter_0")
+    layer = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_q
+    assert layer.r["iter_0"] == 4 and layer.scaling["iter_0"] == 1.0
+    plumbing.save_adapters(pipe, tmp_path, "iter_0")
+    with safe_open(tmp_path / "pytorch_lora_weights.safetensors", "pt") as saved:
+        metadata = json.loads(saved.metadata()["lora_adapter_metadata"])
+    assert metadata["unet.r"] == 4 and metadata["unet.lora_alpha"] == 4
 
 
 @needs_peft

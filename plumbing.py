@@ -278,7 +278,9 @@ def save_image(image, path):
 # projected from the throughput measured on an H200).
 PICKAPIC_SEED_PAIRS = 1000
 PICKAPIC_PROMPTS_PER_ITER = 100
-HELDOUT_FRACTION, HELDOUT_MAX = 0.05, 500  # seed pairs kept out of training for judge_acc/heldout
+# Seed pairs kept out of training for judge_acc/heldout: a fixed 5%, at most 500; below 20 pairs a
+# judge's agreement moves in steps too coarse to read (3 pairs: thirds), so then there is none.
+HELDOUT_FRACTION, HELDOUT_MIN, HELDOUT_MAX = 0.05, 20, 500
 EVAL_PROMPTS = 4  # real models: the prompts of every stage's grid, never trained on
 
 
@@ -303,15 +305,19 @@ def pickapic_data(args, world):
 
 
 def split_heldout(seed_pairs, args):
-    """(seed pairs to train on, held-out human pairs): a file of its own, or a fixed 5% draw."""
+    """(seed pairs to train on, held-out human pairs, why there are none or ""): a file of its
+    own, or a fixed 5% draw of at least HELDOUT_MIN pairs."""
     if args.heldout_pairs == "none":
-        return seed_pairs, []
+        return seed_pairs, [], "--heldout-pairs none"
     if args.heldout_pairs:
-        return seed_pairs, read_seed_pairs(args.heldout_pairs)
-    n = min(HELDOUT_MAX, int(HELDOUT_FRACTION * len(seed_pairs)))  # none below 20 seed pairs
+        return seed_pairs, read_seed_pairs(args.heldout_pairs), ""
+    n = min(HELDOUT_MAX, int(HELDOUT_FRACTION * len(seed_pairs)))
+    if n < HELDOUT_MIN:
+        return seed_pairs, [], (f"5% of {len(seed_pairs)} seed pairs is {n}, below the "
+                                f"{HELDOUT_MIN} a judge needs; --heldout-pairs FILE gives one")
     held = set(random.Random(f"{args.seed}-heldout").sample(range(len(seed_pairs)), n))
     return ([pair for i, pair in enumerate(seed_pairs) if i not in held],
-            [seed_pairs[i] for i in sorted(held)])
+            [seed_pairs[i] for i in sorted(held)], "")
 
 
 def split_eval_prompts(prompts, seed_pairs, args):
@@ -338,7 +344,7 @@ def read_data(args, world):
     if args.tiny:  # the run's world: its annotator, and a variant world's own human pairs
         tiny_world.use_world(args.tiny_world)
         args.seed_pairs, args.heldout_pairs = tiny_world.human_pairs(args)
-    seed_pairs, heldout = split_heldout(read_seed_pairs(args.seed_pairs), args)
+    seed_pairs, heldout, no_judge = split_heldout(read_seed_pairs(args.seed_pairs), args)
     prompts = read_prompts(args.prompts)
     if args.tiny:
         for name, items in ((args.seed_pairs, [p["prompt"] for p in seed_pairs]),
@@ -352,7 +358,9 @@ def read_data(args, world):
     if len(prompts) < needed:
         raise InputError(f"{args.prompts}: {len(prompts)} prompts to train on, but {args.iters} "
                          f"iterations x {args.prompts_per_iter or 1} prompts need {needed}")
-    return dict(seed_pairs=seed_pairs, heldout=heldout, prompts=prompts, eval_prompts=eval_prompts)
+    return dict(seed_pairs=seed_pairs, heldout=heldout, prompts=prompts, eval_prompts=eval_prompts,
+                heldout_note=f"no held-out judge: {no_judge}" if no_judge else
+                f"{len(heldout)} held-out human pairs")
 
 
 # =================================================================================================
@@ -365,9 +373,33 @@ def first_line(error):
 
 
 def cannot_load(model, error):
-    """Offline, missing folder, not a pipeline: all the same to a user, one line naming --tiny."""
+    """One line. A local folder: the part or weights file that failed. A hub id (or a folder that
+    does not exist): perhaps no network or no weights, so it names --tiny."""
+    folder = Path(model)
+    if folder.is_dir():
+        return InputError(f"could not load --model {model}: {broken_part(folder) or first_line(error)}")
     return InputError(f"could not load --model {model}: {first_line(error)} "
                       "(no network or weights? run with --tiny for the embedded tiny world)")
+
+
+def broken_part(folder):
+    """What is wrong with a local pipeline folder, or None: no model_index.json, a part it lists
+    that the folder lacks, or a weights file that does not read (safetensors checks its header)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return f"no readable {folder / 'model_index.json'} (a diffusers pipeline folder has one)"
+    for name, value in index.items():  # a part: [library, class]; [null, null] is left out
+        if isinstance(value, list) and None not in value and not (folder / name / "").is_dir():
+            return f"model_index.json lists {name} ({value[1]}), but {folder / name} is missing"
+    from safetensors import safe_open  # diffusers' own dependency
+    for path in sorted(folder.glob("*/*.safetensors")):
+        try:
+            with safe_open(path, "pt"):
+                pass
+        except Exception as error:  # truncated, not safetensors
+            return f"{path}: {first_line(error)}"
+    return None
 
 
 def pipeline_class(model, supported):
@@ -659,6 +691,10 @@ class Run:
         if self.main:
             self.log_file.write(json.dumps(record) + "\n")
             self.log_file.flush()
+            if "step" in record and record.get("overflows"):  # fp16 redid the step: say so
+                tqdm.write(f"{record['stage']}: step {record['step']}: fp16 gradients overflowed "
+                           f"{record['overflows']} time(s); redone at half the loss scale each "
+                           f"time, now {record['loss_scale']:g}", file=sys.stderr)
 
     def finished(self, stage):
         return (self.out / stage / "summary.json").exists()

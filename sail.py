@@ -966,7 +966,7 @@ def main(argv=None):
     say(f"{'resuming' if args.resume else 'writing to'} {run.out}; reward reference: "
         f"{args.reward_ref}; lr {args.lr:.3g}; N={args.n_candidates} K={args.k_draws} "
         f"beta={args.beta:g} alpha={args.mix_alpha:g}; {args.precision} (Eq. 8 in "
-        f"{args.reward_precision}); {len(data['heldout'])} held-out human pairs; "
+        f"{args.reward_precision}); {data['heldout_note']}; "
         f"{world} process(es)", flush=True)
     run.open_log()
     try:
@@ -983,6 +983,8 @@ def main(argv=None):
         say(f"error: writing {run.out} failed: {error}; fix it, then: python sail.py --resume "
             f"{run.out}", file=sys.stderr)
         return 1
+    if run.stop:  # asked after the last stage's last safe point: it finished instead (exit 0)
+        say("the stop came after the last step: the run finished, every stage is saved")
     say(f"done in {time.time() - started:.0f} s: {run.out}")
     return 0
 

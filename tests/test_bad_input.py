@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 import sail
-from conftest import HERE
+from conftest import HERE, TINY_DATA
 
 
 def test_an_unknown_flag_is_named_with_the_closest_one_exit_2(capsys):
@@ -95,6 +95,23 @@ def test_unloadable_model_says_so_in_one_line_and_names_tiny(tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1
     assert "could not load --model" in err and "--tiny" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_local_model_folder_names_the_part_or_file_that_failed(tmp_path, capsys, tiny_base):
+    """A local folder is no network problem: the error names what is missing or corrupt."""
+    for broken, message in [("unet", "model_index.json lists unet (UNet2DConditionModel), but "),
+                            ("unet/diffusion_pytorch_model.safetensors",
+                             "diffusion_pytorch_model.safetensors: ")]:
+        model = tmp_path / broken.replace("/", "-")
+        shutil.copytree(tiny_base, model)
+        if broken == "unet":
+            shutil.rmtree(model / "unet")
+        else:
+            (model / broken).write_bytes((model / broken).read_bytes()[:100])  # cut short
+        code = sail.main(["--model", str(model), *TINY_DATA, "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+        assert "--tiny" not in err and not (tmp_path / "o").exists()
 
 
 def test_unsupported_pipeline_class_is_named(tmp_path, capsys, tiny_base):

@@ -110,6 +110,23 @@ def test_ctrl_c_then_a_kill_while_resuming_leave_a_run_that_resumes_to_the_same_
     assert_same_run(uninterrupted, out)
 
 
+def test_a_stop_asked_after_the_last_step_says_the_run_finished_and_exits_0(tmp_path, monkeypatch,
+                                                                            capsys):
+    """Ctrl-C while the last stage is measured: no safe point is left, so the run finishes and
+    says so; it never says 'stopped' (exit 130) about a run that finished."""
+    real = sail.finish_stage
+
+    def finish_stage(pipe, args, run, data, stage, *rest):
+        if stage == "iter_1":  # the last stage, after its last DPO step
+            run.ask_to_stop(signal.SIGINT, None)
+        return real(pipe, args, run, data, stage, *rest)
+    monkeypatch.setattr(sail, "finish_stage", finish_stage)
+    assert sail.main([*RESUMABLE, "--out", str(tmp_path / "run")]) == 0
+    captured = capsys.readouterr()
+    assert "the stop came after the last step: the run finished" in captured.out
+    assert "stopped" not in captured.err and (tmp_path / "run" / "iter_1" / "summary.json").exists()
+
+
 def test_state_files_are_written_whole_or_not_at_all(tmp_path):
     run = sail.Run(tmp_path, sail.Args(iters=0))
     path = tmp_path / "state.json"
@@ -223,7 +240,7 @@ def test_bf16_keeps_frozen_models_in_bf16_and_trains_the_unet_in_fp32(tmp_path, 
 
 
 def test_fp16_redoes_overflowing_steps_counts_them_and_carries_the_scale(tmp_path, tiny_base,
-                                                                          monkeypatch):
+                                                                          monkeypatch, capsys):
     monkeypatch.setattr(sail, "evaluate", lambda *_: {})  # sampling in fp16: a minute on a CPU
     out = tmp_path / "run"
     assert sail.main(["--tiny", "--iters", "1", *QUICK, "--prompts-per-iter", "2", "--sample-steps", "2",
@@ -237,6 +254,9 @@ def test_fp16_redoes_overflowing_steps_counts_them_and_carries_the_scale(tmp_pat
     first = [r for r in steps if r["stage"] == "iter_0"]
     assert first[0]["overflows"] > 0  # 2**16 overflowed: the step was redone, not skipped
     assert summaries["iter_0"]["overflows"] == sum(r["overflows"] for r in first)
+    said = capsys.readouterr().err  # never silently: one line per redone step
+    assert (f"iter_0: step 1: fp16 gradients overflowed {first[0]['overflows']} time(s)" in said
+            and said.count("fp16 gradients overflowed") == sum(r["overflows"] > 0 for r in steps))
     assert [r["overflows"] for r in steps if r["stage"] == "iter_1"][0] == 0  # scale carried over
     trained = UNet2DConditionModel.from_pretrained(out / "iter_0" / "unet").state_dict()
     base = UNet2DConditionModel.from_pretrained(out / "tiny_base" / "unet").state_dict()

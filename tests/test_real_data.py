@@ -9,18 +9,31 @@ from PIL import Image
 
 import plumbing
 import sail
-from conftest import REAL_QUICK, argparse_like, pickapic_rows, write_pickapic_shard
+from conftest import (REAL_QUICK, TINY_DATA, argparse_like, pickapic_rows, records,
+                      write_pickapic_shard)
 
 
 def test_held_out_pairs_are_a_fixed_five_percent_never_trained_on():
     pairs = [{"prompt": f"p{i}"} for i in range(400)]
     args = argparse_like(heldout_pairs=None, seed=0)
-    train, held = plumbing.split_heldout(pairs, args)
-    assert len(held) == 20 and len(train) == 380
+    train, held, why = plumbing.split_heldout(pairs, args)
+    assert len(held) == 20 and len(train) == 380 and why == ""
     assert not {p["prompt"] for p in held} & {p["prompt"] for p in train}
-    assert plumbing.split_heldout(pairs, args) == (train, held)  # seeded: the same every run
-    assert plumbing.split_heldout(pairs[:19], args) == (pairs[:19], [])  # too few to spare 5%
+    assert plumbing.split_heldout(pairs, args) == (train, held, "")  # seeded: the same every run
     assert len(plumbing.split_heldout(pairs * 30, args)[1]) == 500  # at most 500
+    # below 20 held-out pairs (fewer than 400 seed pairs) a judge moves in coarse steps: none
+    train, held, why = plumbing.split_heldout(pairs[:399], args)
+    assert (train, held) == (pairs[:399], []) and why.startswith("5% of 399 seed pairs is 19")
+
+
+def test_a_run_without_a_held_out_judge_says_why_in_its_second_line(tmp_path, tiny_base, capsys):
+    """The shipped 64 seed pairs as a real model's data: 5% is 3 pairs, so no judge, one line why."""
+    assert sail.main(["--model", tiny_base, *TINY_DATA, *REAL_QUICK, "--dpo-steps", "1",
+                      "--out", str(tmp_path / "run")]) == 0
+    second = capsys.readouterr().out.splitlines()[1]
+    assert "no held-out judge: 5% of 64 seed pairs is 3, below the 20 a judge needs" in second
+    summaries = [r for r in records(tmp_path / "run") if r.get("event") == "summary"]
+    assert not any("judge_acc/heldout" in r for r in summaries)
 
 
 def test_real_models_evaluate_on_prompts_no_stage_trains_on():

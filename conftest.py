@@ -30,6 +30,20 @@ needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None,
                                 reason="peft is not installed (optional: --lora-rank)")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "optional: checks more when an optional package is "
+                            "installed; CI's second step reruns it with every one (.ci/run)")
+
+
+def pytest_runtest_logreport(report):
+    """With SAIL_RERUN_FILE set (CI's first step), list the tests to run again once the optional
+    packages are installed: those skipped for want of one, and those marked `optional`."""
+    path = os.environ.get("SAIL_RERUN_FILE")
+    if path and (report.skipped or (report.when == "call" and "optional" in report.keywords)):
+        with open(path, "a") as listed:
+            listed.write(report.nodeid + "\n")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
     """The Pick-a-Pic cache goes to a per-session folder, never the user's ~/.cache."""

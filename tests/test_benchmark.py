@@ -2,12 +2,14 @@
 
 import csv
 
+import pytest
 import torch
 
 import sail
 from conftest import HAS_MATPLOTLIB
 
 
+@pytest.mark.optional  # matplotlib: the plot
 def test_benchmark_quick_size_writes_its_tables_and_plot(tmp_path, tiny_base):
     import bench
     out = tmp_path / "bench"

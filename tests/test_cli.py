@@ -59,3 +59,14 @@ def test_help_lists_every_setting_with_its_paper_value(capsys):
                         ("--beta", "(paper: 5000)"), ("--mix-alpha", "(paper: 0.25; 1 = no mixup)"),
                         ("--effective-batch", "(paper: 128)")):
         assert flag in text and paper in text
+
+
+def test_ci_runs_the_readme_test_command_as_written():
+    """.ci/run's first step is the README's Quickstart test command, read from the README."""
+    readme = (HERE / "README.md").read_text().splitlines()
+    commands = [line for line in readme
+                if line.startswith("pip install -r requirements.txt && python -m pytest")]
+    assert commands == ["pip install -r requirements.txt && python -m pytest -q"]
+    ci = (HERE / ".ci" / "run").read_text()
+    assert "grep -m1 '^pip install -r requirements.txt && python -m pytest' README.md" in ci
+    assert 'bash -c "$command"' in ci

@@ -36,6 +36,7 @@ def test_oracle_labels_need_the_tiny_world(tmp_path, tiny_base, capsys):
     assert code == 2 and "--oracle-labels needs the tiny world" in capsys.readouterr().err
 
 
+@pytest.mark.optional  # matplotlib: the plot
 def test_evidence_study_quick_size_writes_its_tables_and_plot(tmp_path, tiny_base):
     import evidence
     out = tmp_path / "evidence"

@@ -1,5 +1,5 @@
 """--report-to: the live curves show what metrics.jsonl records, read back with TensorBoard's own
-reader. Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_report_to.py (about 40 s, 2 CPUs).
+reader. Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_report_to.py (about 20 s, 2 CPUs).
 """
 
 import io
@@ -110,12 +110,13 @@ def test_a_resumed_run_continues_its_curves_showing_each_step_once(tmp_path, mon
     assert [x for x, _ in read_events(out / "tensorboard" / "steps")[0]["loss"]] == list(range(1, 9))
 
 
+@pytest.mark.parametrize("kind, module", [("wandb", "wandb"), ("trackio", "trackio"),
+                                          ("tensorboard", "torch.utils.tensorboard")])
 def test_report_to_a_missing_package_exits_2_naming_it_and_writes_nothing(tmp_path, capsys,
-                                                                           monkeypatch):
-    monkeypatch.setitem(sys.modules, "wandb", None)  # as if wandb were not installed
+                                                                           monkeypatch, kind, module):
+    monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed
     out = tmp_path / "run"
-    assert sail.main([*TINY_RUN, "--report-to", "wandb", "--out", str(out)]) == 2
-    captured = capsys.readouterr()
-    assert captured.err.strip().splitlines() == [
-        "error: --report-to wandb needs the wandb package: pip install wandb"]
+    assert sail.main([*TINY_RUN, "--report-to", kind, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --report-to {kind} needs the {kind} package: pip install {kind}"]
     assert not out.exists()

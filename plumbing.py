@@ -1,7 +1,7 @@
 """Plumbing a reader of sail.py never needs: the command line built from its Args, the input
 files read and checked, models loaded (the UNet or transformer that trains, the sampler that fits
 it, precision, the optimizer), LoRA, the run folder written whole and resumed, the processes of a
-torchrun job, Ctrl-C. None of SAIL's equations is computed here.
+torchrun job, Ctrl-C, live curves (--report-to). None of SAIL's equations is computed here.
 
 A paper-sized run takes hours: it must survive a kill, and may be spread over GPUs (torchrun).
 Three rules make both exact rather than approximate:
@@ -24,6 +24,7 @@ import dataclasses
 import datetime
 import difflib
 import hashlib
+import importlib
 import json
 import math
 import random
@@ -34,6 +35,7 @@ import typing
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
@@ -162,6 +164,8 @@ def check_settings(args, world):
             raise InputError(message)
     if args.lora_rank:
         peft()  # installed?
+    if args.report_to != "none":
+        reporter_package(args.report_to)  # installed?
     per_process = args.effective_batch // world
     if args.effective_batch % world or per_process % min(args.micro_batch, per_process):
         raise InputError(f"--effective-batch {args.effective_batch} must split evenly over {world} "
@@ -170,7 +174,7 @@ def check_settings(args, world):
 
 # Settings a resumed run may change: they decide how the work is split and saved, not what it computes.
 RESUME_MAY_CHANGE = ("resume", "checkpoint_every", "keep_checkpoints", "micro_batch",
-                     "generation_batch", "reward_batch")
+                     "generation_batch", "reward_batch", "report_to")
 
 
 def saved_settings(folder, names):
@@ -180,11 +184,12 @@ def saved_settings(folder, names):
         config = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise InputError(f"--resume {folder}: not a sail.py run folder ({path}: {error})")
-    missing = [name for name in names if name not in config]
+    # one a resume may change may be missing: a run started before the setting existed
+    missing = [name for name in names if name not in config and name not in RESUME_MAY_CHANGE]
     if missing:
         raise InputError(f"--resume {folder}: {path} lacks {', '.join(missing)}: not a run "
                          "of this sail.py")
-    return {name: config[name] for name in names if name != "out"}
+    return {name: config[name] for name in names if name in config and name != "out"}
 
 
 def refuse_changes(args, saved):
@@ -667,6 +672,7 @@ class Run:
         out/<stage>/summary.json             written last: the stage is finished
         out/iter_<i>/labelling.json          self-labelling progress: prompts done, pairs so far
         out/checkpoints/<stage>-step<s>.pt   mid-stage UNet + optimizer, the newest --keep-checkpoints
+        out/tensorboard/{steps,stages}/      --report-to tensorboard: metrics.jsonl's curves, the grids
     """
 
     def __init__(self, out, args, rank=0, world=1, device=torch.device("cpu")):
@@ -674,7 +680,7 @@ class Run:
         self.rank, self.world, self.device, self.main = rank, world, device, rank == 0
         self.stages = ["base"] + [f"iter_{i}" for i in range(args.iters + 1)]
         self.stop = False  # set by Ctrl-C or SIGTERM, acted on at the next safe point
-        self.log_file = None
+        self.log_file = self.reporter = None
 
     # --- files: process 0 writes, every process reads
     def write(self, path, save):
@@ -695,6 +701,8 @@ class Run:
                 tqdm.write(f"{record['stage']}: step {record['step']}: fp16 gradients overflowed "
                            f"{record['overflows']} time(s); redone at half the loss scale each "
                            f"time, now {record['loss_scale']:g}", file=sys.stderr)
+            if self.reporter:
+                self.reporter.log(record)
 
     def finished(self, stage):
         return (self.out / stage / "summary.json").exists()
@@ -745,6 +753,9 @@ class Run:
             self.write(path, lambda temporary: temporary.write_text("".join(kept)))
         if self.main:
             self.log_file = open(path, "a")
+        if self.main and self.args.report_to != "none":
+            self.reporter = Reporter(self.args.report_to, self.out, dataclasses.asdict(self.args),
+                                     [json.loads(line) for line in path.read_text().splitlines()])
         self.barrier()
 
     def progress(self, **kwargs):
@@ -800,6 +811,95 @@ class Run:
                 signal.signal(sig, handler)
             if self.log_file:
                 self.log_file.close()
+            if self.reporter:
+                self.reporter.close()
+
+
+# =================================================================================================
+# Live curves (--report-to): metrics.jsonl as it grows, in TensorBoard, Weights & Biases or Trackio
+# =================================================================================================
+
+REPORTERS = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb", "trackio": "trackio"}
+
+
+def reporter_package(name):
+    """The package --report-to `name` logs with, optional: imported only when asked for."""
+    try:
+        return importlib.import_module(REPORTERS[name])
+    except ImportError:  # torch.utils.tensorboard raises it too when tensorboard is missing
+        raise InputError(f"--report-to {name} needs the {name} package: pip install {name}") from None
+
+
+class Reporter:
+    """Every record Run.log writes to metrics.jsonl, sent on to --report-to as it is written:
+    curves to watch while the run runs. metrics.jsonl stays the record; this is a view of it.
+
+    The x-axis is the number of DPO steps the run has taken, over all its stages: iter_1's first
+    step follows iter_0's last, so one curve runs through the whole run, and a stage's summary sits
+    at its stage's last step (base: 0). (stage x 10^6 + step would stretch the axis with gaps, and
+    a stage's length is not known before its pairs are.)
+
+    Names are metrics.jsonl's. A summary repeats the step metrics' names for its stage's means
+    (loss, rewards/chosen) at the x of the stage's last step, where one would overwrite the other.
+    So TensorBoard keeps them in two runs, tensorboard/steps and tensorboard/stages: one chart per
+    name, a line per run, as Keras shows train and validation. Weights & Biases and Trackio have
+    one namespace per run, so there a summary's names begin with stages/. Each stage's grid.png is
+    the image grid/<stage>, at its summary's x.
+    """
+
+    def __init__(self, kind, out, config, logged):
+        """logged: the records metrics.jsonl already holds (resuming), whose steps count."""
+        self.kind, self.out, self.steps = kind, out, {}  # steps: stage -> its DPO steps so far
+        self.package = reporter_package(kind)
+        last = {"steps": -1, "stages": -1}  # the x of each part's last logged record
+        for record in logged:
+            last[self.part(record)] = self.advance(record)
+        if kind == "tensorboard":
+            # A resumed run adds event files to the same folders. What was sent after the last
+            # record metrics.jsonl kept is sent again (open_log dropped it there): purge_step
+            # hides the old from TensorBoard's Python reader, and its Rust reader (the default)
+            # keeps the later of two values at one step. Both show what metrics.jsonl holds.
+            self.writers = {part: self.package.SummaryWriter(out / "tensorboard" / part,
+                                                             purge_step=last[part] + 1)
+                            for part in last}
+        else:  # resumed: a new run there, its x-axis continuing where the killed one stopped
+            self.package.init(project="sail", name=out.name, config=config,
+                              **({"dir": str(out)} if kind == "wandb" else {}))
+
+    @staticmethod
+    def part(record):
+        return "stages" if record.get("event") == "summary" else "steps"
+
+    def advance(self, record):
+        """The x of `record`. Records come in run order, so earlier stages are complete."""
+        self.steps[record["stage"]] = record.get("step", self.steps.get(record["stage"], 0))
+        return sum(self.steps.values())
+
+    def log(self, record):
+        x, stage, part = self.advance(record), record["stage"], self.part(record)
+        metrics = {name: value for name, value in record.items() if name != "step"
+                   and isinstance(value, (int, float)) and not isinstance(value, bool)}
+        grid = self.out / stage / "grid.png"  # evaluate() wrote it before the summary was logged
+        if self.kind == "tensorboard":
+            for name, value in metrics.items():
+                self.writers[part].add_scalar(name, value, x)
+            if part == "stages":
+                with Image.open(grid) as image:
+                    self.writers[part].add_image(f"grid/{stage}", np.asarray(image.convert("RGB")),
+                                                 x, dataformats="HWC")
+            self.writers[part].flush()  # live: it would wait up to 2 minutes
+            return
+        values = {("stages/" if part == "stages" else "") + name: value
+                  for name, value in metrics.items()}
+        if part == "stages":
+            values[f"grid/{stage}"] = self.package.Image(str(grid))
+        self.package.log(values, step=x)
+
+    def close(self):
+        for writer in getattr(self, "writers", {}).values():
+            writer.close()
+        if self.kind != "tensorboard":
+            self.package.finish()
 
 
 def check_new_folder(out):

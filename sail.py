@@ -163,6 +163,8 @@ class Args:
                 "2500 magnifies rounding (docs/real-models.md: fp16 ranks 4x faster, bf16 worst)"})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute the trained UNet's activations in the backward pass: less memory, more time"})
+    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = field(default="none", metadata={
+        "help": "live curves: also send metrics.jsonl and each stage's grid to <out>/tensorboard, W&B or Trackio"})
     # --- LoRA: less memory, the same algorithm (plumbing.py)
     lora_rank: int = field(default=0, metadata={
         "help": "train rank-R adapters on the UNet's attention projections, not every weight; the "

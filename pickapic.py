@@ -15,13 +15,15 @@ Run:
 
 The shards are the data set's own parquet files (columns caption, jpg_0, jpg_1, label_0,
 label_1), as a `datasets` download or `huggingface-cli download` leaves them on disk; they need
-pyarrow (pip install pyarrow). --dataset reads a `datasets` dataset instead: a folder written by
+pyarrow (in requirements.txt). --dataset reads a `datasets` dataset instead: a folder written by
 save_to_disk, or a hub name (streamed); it needs datasets (pip install datasets). Both are
 imported only here. Resumable: run the same command again and images already written are
-skipped. Rows whose image bytes do not decode are skipped and counted.
+skipped. Rows whose image bytes do not decode are skipped and counted. sail.py's default data for
+a real model (default_subset) reads the hub's parquet shards with huggingface_hub and pyarrow.
 """
 
 import argparse
+import fnmatch
 import io
 import json
 import random
@@ -67,9 +69,8 @@ def open_shards(paths):
     return shards
 
 
-def open_dataset(name, split, shuffle_seed=None):
-    """A `datasets` dataset as one source: a save_to_disk folder, or a hub name (streamed);
-    with shuffle_seed, its rows in a fixed shuffled order (streamed: shards and a buffer)."""
+def open_dataset(name, split):
+    """A `datasets` dataset as one source: a save_to_disk folder, or a hub name (streamed)."""
     try:
         import datasets
     except ImportError:
@@ -88,9 +89,6 @@ def open_dataset(name, split, shuffle_seed=None):
     if data.column_names is not None:  # a streamed dataset may not know its columns up front
         check_columns(name, data.column_names)
     count = len(data) if isinstance(data, datasets.Dataset) else None
-    if shuffle_seed is not None:
-        data = (data.shuffle(seed=shuffle_seed) if count is not None
-                else data.shuffle(seed=shuffle_seed, buffer_size=1000))
     label = f"{Path(name).name}-{split}".replace("/", "_")
     return [(label, lambda columns: iter(data.select_columns(columns)), count)]
 
@@ -158,23 +156,93 @@ def import_pairs(sources, out, fraction, n_pairs, seed):
     return pairs, counts
 
 
+# sail.py's default data reads the data set's own parquet shards: listed and downloaded one at a
+# time with huggingface_hub (diffusers depends on it), read with pyarrow; `datasets` is not needed.
+# On the hub a split's shards are data/<split>-<i>-of-<n>-<hash>.parquet, e.g.
+# data/train-00000-of-00645-b66ac786bf6fb553.parquet, data/test-00000-of-00014-387db523fa7e7121
+# .parquet, data/validation_unique-00000-of-00001-33ead111845fc9c4.parquet (these names as cited in
+# invoke-ai/invoke-training, src/invoke_training/_shared/data/datasets/build_dataset.py); each
+# train shard holds some 1,500 rows (about 1M in 645 shards), hundreds of MB of images.
+
+def shard_files(dataset, split):
+    """The split's shards as (file name, fetch) sorted by name; fetch() gives a local path.
+    `dataset` is a folder (shards in it or in its data/, as `huggingface-cli download` leaves
+    them) or a hub name (fetch downloads the shard; huggingface_hub caches it)."""
+    pattern = f"{split}-*.parquet"  # the hyphen: train-*, never train_unique-*
+    if Path(dataset).is_dir():
+        paths = [*Path(dataset).glob(pattern), *Path(dataset).glob(f"data/{pattern}")]
+        shards = [(path.name, lambda path=path: path) for path in paths]
+    else:
+        import huggingface_hub  # imported here, as datasets and pyarrow are
+        try:
+            files = huggingface_hub.HfApi().list_repo_files(dataset, repo_type="dataset")
+        except Exception as error:  # offline, no network, no such name: many exception types
+            raise hub_error(dataset, error)
+        shards = [(Path(file).name, lambda file=file: download(dataset, file))
+                  for file in files if fnmatch.fnmatch(file, f"data/{pattern}")]
+    if not shards:
+        raise InputError(f"{dataset}: no {split} shards ({pattern}, in it or in its data/)")
+    return sorted(shards, key=lambda shard: shard[0])
+
+
+def download(dataset, file):
+    import huggingface_hub
+    try:
+        return huggingface_hub.hf_hub_download(dataset, file, repo_type="dataset")
+    except Exception as error:  # as in shard_files
+        raise hub_error(dataset, error)
+
+
+def hub_error(dataset, error):
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return InputError(f"cannot download {dataset} from the hub ({reason}): allow the download "
+                      "once (the shards it needs are cached after)")
+
+
+def shuffled_rows(path, seed):
+    """(row, record) for every row of one shard, in a fixed shuffled order. The shard is read
+    whole (a real one: hundreds of MB): a parquet file has no cheap access to one row."""
+    [(name, _, _)] = open_shards([path])  # checks the columns, and that pyarrow is installed
+    import pyarrow.parquet as pq
+    table = pq.read_table(path, columns=COLUMNS)
+    order = list(range(table.num_rows))
+    random.Random(f"{seed}/{name}").shuffle(order)
+    for row in order:
+        yield row, table.slice(row, 1).to_pylist()[0]
+
+
+def rows_in_order(shards, seed, hub):
+    """(shard name, row, record) over shard_files' shards: the shards in a fixed shuffled order,
+    the rows of each shuffled too. Lazy: a shard is fetched (downloaded) when its first row is
+    asked for."""
+    shards = list(shards)
+    random.Random(f"{seed}/shards").shuffle(shards)
+    for k, (file, fetch) in enumerate(shards):
+        tqdm.write(f"Pick-a-Pic v2: shard {k + 1} of {len(shards)}, {file}" + (
+            ": a download of hundreds of MB, once (huggingface_hub caches it)" if hub else ""))
+        path = fetch()
+        yield from ((Path(file).stem, row, record) for row, record in shuffled_rows(path, seed))
+
+
 def default_subset(dataset, out, n_pairs, n_prompts, seed=0, split="train"):
     """sail.py's default data for a real model, written once to `out` and reused after.
 
-    The rows of `dataset` in a fixed shuffled order: the first n_pairs non-tied pairs are the
-    seed pairs (seed_pairs.json, images/), and the captions of the rows after them, other than
-    the seed pairs' captions, are the n_prompts prompts (prompts.txt, written last: its presence
-    means the cache is complete). Only as many rows are read as needed.
+    `dataset` is a hub name or a folder of its parquet shards. Its rows in a fixed shuffled order
+    (rows_in_order): the first n_pairs non-tied pairs with decodable images are the seed pairs
+    (seed_pairs.json, images/), and the captions of the rows after them, other than the seed
+    pairs' captions, are the n_prompts prompts (prompts.txt, written last: its presence means the
+    cache is complete). Only the shards needed are read. Resumable: images already written are
+    kept, downloaded shards stay in huggingface_hub's cache.
     """
     out = Path(out)
     if (out / "prompts.txt").exists():
         return
-    [(name, rows, _)] = open_dataset(dataset, split, shuffle_seed=seed)
+    shards = shard_files(dataset, split)  # first: offline, its error is the only output
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     pairs, prompts, captions = [], [], set()
     bar = tqdm(total=n_pairs + n_prompts, desc="Pick-a-Pic: seed pairs, then prompts", unit="row")
-    for row, record in enumerate(rows(COLUMNS)):
+    for name, row, record in rows_in_order(shards, seed, hub=not Path(dataset).is_dir()):
         caption = " ".join(str(record["caption"]).split())  # one line each in prompts.txt
         if len(pairs) < n_pairs:
             extensions = [image_extension(record[f"jpg_{i}"]) for i in (0, 1)]
@@ -195,8 +263,8 @@ def default_subset(dataset, out, n_pairs, n_prompts, seed=0, split="train"):
             break
     bar.close()
     if len(prompts) < n_prompts:
-        raise InputError(f"--dataset {dataset}: {len(pairs)} usable pairs and {len(prompts)} new "
-                         f"captions, but {n_pairs} and {n_prompts} are needed")
+        raise InputError(f"{dataset}: {len(pairs)} usable pairs and {len(prompts)} new captions "
+                         f"in its {split} shards, but {n_pairs} and {n_prompts} are needed")
     for file, text in (("seed_pairs.json", json.dumps(pairs, indent=1)),
                        ("prompts.txt", "\n".join(prompts))):  # prompts.txt last: the cache is whole
         partial = out / f"{file}.partial"

@@ -291,19 +291,19 @@ EVAL_PROMPTS = 4  # real models: the prompts of every stage's grid, never traine
 
 def pickapic_data(args, world):
     """The default data of a real model: paths of a cached Pick-a-Pic v2 subset's seed pairs and
-    prompts (pickapic.py streams it once; the next run reads the cache)."""
+    prompts (pickapic.py downloads the shards it needs once; the next run reads the cache)."""
     prompts = args.iters * args.prompts_per_iter + EVAL_PROMPTS
     key = hashlib.sha256(repr((args.pickapic_dataset, PICKAPIC_SEED_PAIRS, prompts)).encode())
     cache = Path(os.environ.get("SAIL_CACHE", Path.home() / ".cache" / "sail"))
     folder = cache / f"pickapic-{key.hexdigest()[:12]}"
-    import pickapic  # beside sail.py; it imports `datasets` only when it reads one
+    import pickapic  # beside sail.py; it imports huggingface_hub and pyarrow only when it reads
     try:
         if world == 1 or torch.distributed.get_rank() == 0:  # one process downloads
             pickapic.default_subset(args.pickapic_dataset, folder, PICKAPIC_SEED_PAIRS, prompts)
     except pickapic.InputError as error:
-        raise InputError(f"the default data of a real model, a Pick-a-Pic v2 subset: {error}. "
-                         "Install datasets and allow the download once, or pass --seed-pairs "
-                         "and --prompts (pickapic.py converts Pick-a-Pic shards)")
+        raise InputError(f"the default data of a real model, a Pick-a-Pic v2 subset: {error}; "
+                         "or pass --seed-pairs and --prompts (pickapic.py converts Pick-a-Pic "
+                         "shards)")
     if world > 1:
         torch.distributed.barrier()
     return str(folder / "seed_pairs.json"), str(folder / "prompts.txt")

@@ -95,7 +95,7 @@ class Args:
                 "without it: a fixed 5 percent of the seed pairs, at most 500; 'none' to skip)"})
     pickapic_dataset: str = field(default="yuvalkirstain/pickapic_v2", metadata={
         "help": "real models without --seed-pairs/--prompts: the default data's Pick-a-Pic v2 "
-                "source, a hub name (streamed once, cached) or a save_to_disk folder"})
+                "source, a hub name (shards downloaded once, cached) or a folder of its parquet shards"})
     out: Optional[str] = field(default=None, metadata={
         "help": "output folder, must not exist yet (default: runs/<world>-<time>)"})
     seed: int = field(default=0, metadata={"help": "seed of every random draw"})

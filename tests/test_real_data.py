@@ -1,7 +1,6 @@
 """Real data: the held-out split, evaluation prompts, the default Pick-a-Pic data and its importer."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -44,40 +43,6 @@ def test_real_models_evaluate_on_prompts_no_stage_trains_on():
     assert held == ["e", "f", "g", "h"] and train == ["a", "c", "d", "b"]
     with pytest.raises(sail.InputError, match="none is left to evaluate on"):
         plumbing.split_eval_prompts(["a", "b"], seed, args)
-
-
-def write_pickapic_dataset(folder, n):
-    datasets = pytest.importorskip("datasets")
-    rows = pickapic_rows(n)
-    columns = ["caption", "jpg_0", "jpg_1", "label_0", "label_1"]
-    datasets.Dataset.from_dict({name: [row[i] for row in rows] for i, name in enumerate(columns)}
-                               ).save_to_disk(folder)
-
-
-def test_a_real_model_without_data_flags_trains_on_a_cached_pickapic_subset(
-        tmp_path, tiny_base, monkeypatch, capsys):
-    import pickapic
-    write_pickapic_dataset(tmp_path / "pickapic", 40)
-    monkeypatch.setattr(plumbing, "PICKAPIC_SEED_PAIRS", 8)
-    flags = ["--model", tiny_base, "--pickapic-dataset", str(tmp_path / "pickapic"), *REAL_QUICK]
-    assert sail.main([*flags, "--out", str(tmp_path / "one")]) == 0
-    config = json.loads((tmp_path / "one" / "config.json").read_text())
-    seed_pairs = plumbing.read_seed_pairs(config["seed_pairs"])
-    prompts = plumbing.read_prompts(config["prompts"])
-    assert len(seed_pairs) == 8 and len(prompts) == 1 * 4 + plumbing.EVAL_PROMPTS
-    assert not {p["prompt"] for p in seed_pairs} & set(prompts)  # prompts are other captions
-    monkeypatch.setattr(pickapic, "open_dataset", None)  # the second run reads the cache only
-    assert sail.main([*flags, "--out", str(tmp_path / "two")]) == 0
-    assert json.loads((tmp_path / "two" / "config.json").read_text())["seed_pairs"] == config["seed_pairs"]
-
-
-def test_a_real_model_without_data_or_datasets_exits_2_naming_both_fixes(
-        tmp_path, tiny_base, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets fails
-    assert sail.main(["--model", tiny_base, "--out", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pip install datasets" in err[0] and "--seed-pairs" in err[0]
-    assert not (tmp_path / "run").exists()
 
 
 def test_pickapic_import_drops_ties_and_orders_winners(tmp_path):

@@ -141,6 +141,7 @@ def check_settings(args, world):
         (args.micro_batch >= 1 and args.effective_batch % args.micro_batch == 0,
          "--effective-batch must be a multiple of --micro-batch (>= 1)"),
         (args.dpo_steps is None or args.dpo_steps >= 1, "--dpo-steps must be >= 1"),
+        (args.pickapic_pairs >= 1, "--pickapic-pairs must be >= 1"),
         (args.prompts_per_iter is None or args.prompts_per_iter >= 1,
          "--prompts-per-iter must be >= 1"),
         (0 <= args.cfg_dropout < 1, "--cfg-dropout must be in [0, 1)"),
@@ -281,8 +282,10 @@ def save_image(image, path):
 # Real models without --seed-pairs / --prompts align on real data: a fixed Pick-a-Pic v2 subset,
 # sized so that `python sail.py --iters 2` takes about an hour on one 24 GB GPU (docs/real-models.md:
 # projected from the throughput measured on an H200).
-PICKAPIC_SEED_PAIRS = 1000
 PICKAPIC_PROMPTS_PER_ITER = 100
+# A stage this short is a check of the real path, not an alignment: Diffusion-DPO trained SD 1.5
+# for 2000 steps, and the paper's 50K seed pairs make about 370 steps of 128 pairs.
+CHECK_STEPS = 100
 # Seed pairs kept out of training for judge_acc/heldout: a fixed 5%, at most 500; below 20 pairs a
 # judge's agreement moves in steps too coarse to read (3 pairs: thirds), so then there is none.
 HELDOUT_FRACTION, HELDOUT_MIN, HELDOUT_MAX = 0.05, 20, 500
@@ -293,13 +296,13 @@ def pickapic_data(args, world):
     """The default data of a real model: paths of a cached Pick-a-Pic v2 subset's seed pairs and
     prompts (pickapic.py downloads the shards it needs once; the next run reads the cache)."""
     prompts = args.iters * args.prompts_per_iter + EVAL_PROMPTS
-    key = hashlib.sha256(repr((args.pickapic_dataset, PICKAPIC_SEED_PAIRS, prompts)).encode())
+    key = hashlib.sha256(repr((args.pickapic_dataset, args.pickapic_pairs, prompts)).encode())
     cache = Path(os.environ.get("SAIL_CACHE", Path.home() / ".cache" / "sail"))
     folder = cache / f"pickapic-{key.hexdigest()[:12]}"
     import pickapic  # beside sail.py; it imports huggingface_hub and pyarrow only when it reads
     try:
         if world == 1 or torch.distributed.get_rank() == 0:  # one process downloads
-            pickapic.default_subset(args.pickapic_dataset, folder, PICKAPIC_SEED_PAIRS, prompts)
+            pickapic.default_subset(args.pickapic_dataset, folder, args.pickapic_pairs, prompts)
     except pickapic.InputError as error:
         raise InputError(f"the default data of a real model, a Pick-a-Pic v2 subset: {error}; "
                          "or pass --seed-pairs and --prompts (pickapic.py converts Pick-a-Pic "
@@ -307,6 +310,23 @@ def pickapic_data(args, world):
     if world > 1:
         torch.distributed.barrier()
     return str(folder / "seed_pairs.json"), str(folder / "prompts.txt")
+
+
+def default_job(args):
+    """For the run's first line: a real model on the default data says what the job is."""
+    if args.tiny or args.resume or args.seed_pairs or args.prompts:
+        return ""
+    held = min(HELDOUT_MAX, int(HELDOUT_FRACTION * args.pickapic_pairs))
+    trained = args.pickapic_pairs - (held if held >= HELDOUT_MIN else 0)
+    per_iter = args.prompts_per_iter or PICKAPIC_PROMPTS_PER_ITER
+    # step 0 trains on the seed pairs; an iteration on at most per_iter self-labelled pairs / alpha
+    steps = [args.dpo_steps or math.ceil(n / args.effective_batch)
+             for n in (trained, per_iter / args.mix_alpha)]
+    what = (": a check of the whole real path, not an alignment (README, Quickstart: a run that "
+            "aligns)" if max(steps) < CHECK_STEPS else "")
+    return (f"; default data: {args.pickapic_pairs} Pick-a-Pic v2 pairs, {per_iter} new prompts "
+            f"per iteration; Diffusion-DPO: {steps[0]} steps in step 0, at most {steps[1]} per "
+            f"iteration, lr {args.lr:.3g}{what}")
 
 
 def split_heldout(seed_pairs, args):

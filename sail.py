@@ -64,7 +64,7 @@ from diffusers import (DDPMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipel
 import tiny_world
 from plumbing import (LORA_LR, AdaptersOff, InputError, Interrupted, Run, TrainingDiverged,
                       absolute_paths, autocast, base_model, begin_lora_round, cast_frozen_models,
-                      check_disk_space, check_model, check_new_folder, check_settings,
+                      check_disk_space, check_model, check_new_folder, check_settings, default_job,
                       default_precision, denoiser, explain_the_mix, flag_parser, frozen_copy,
                       last_loss_scale, latent_shape_of, load_image, load_pipeline, make_optimizer,
                       map_cond, pair_paths, parse_flags, pipeline_class, read_data, refuse_changes,
@@ -96,6 +96,8 @@ class Args:
     pickapic_dataset: str = field(default="yuvalkirstain/pickapic_v2", metadata={
         "help": "real models without --seed-pairs/--prompts: the default data's Pick-a-Pic v2 "
                 "source, a hub name (shards downloaded once, cached) or a folder of its parquet shards"})
+    pickapic_pairs: int = field(default=1000, metadata={
+        "help": "the default data's seed pairs (1000: a check of the real path; the paper: ~50K)"})
     out: Optional[str] = field(default=None, metadata={
         "help": "output folder, must not exist yet (default: runs/<world>-<time>)"})
     seed: int = field(default=0, metadata={"help": "seed of every random draw"})
@@ -792,7 +794,6 @@ def tiny_world_controls(self_pairs, args):
     return (tiny_world.annotator_relabel(self_pairs) if args.oracle_labels else self_pairs), agreement
 
 
-
 # =================================================================================================
 # 11. Measuring a stage: its grid, its scores, its judge; then it is saved as finished
 # =================================================================================================
@@ -933,7 +934,7 @@ def start_run(argv, rank, world, device, say):
                else "no GPU found; pass --model to force a real model")
         say(f"sail: embedded tiny world ({why}): 16x16 shapes, simulated annotator, {device}")
     else:
-        say(f"sail: {args.model} on {device}")
+        say(f"sail: {args.model} on {device}{default_job(args)}")
     data = read_data(args, world)
     name = [args.resume or args.out
             or f"runs/{'tiny' if args.tiny else 'sd'}-{time.strftime('%Y%m%d-%H%M%S')}"]

@@ -29,8 +29,11 @@ def needs_libraries():
 
 def test_page_is_current_with_sail_py():
     needs_libraries()
-    made = annotate.generate((ROOT / "sail.py").read_text(encoding="utf-8"))
     committed = PAGE.read_bytes()
+    if annotate.made_with() not in committed.decode("utf-8"):  # CI installs the page's versions
+        pytest.skip(f"the page was made with other library versions than {annotate.made_with()}: "
+                    "its bytes are compared where those are installed (.ci/run)")
+    made = annotate.generate((ROOT / "sail.py").read_text(encoding="utf-8"))
     assert made.encode("utf-8") == committed, annotate.stale(committed.decode("utf-8"))
 
 

@@ -2,27 +2,25 @@
 parquet shards (pickapic.default_subset), from a folder of them or downloaded from the hub.
 
 Each test writes small shards with Pick-a-Pic's columns; the hub is huggingface_hub monkeypatched
-to serve them. No network: the hub is offline here, as in test_sail.py.
+to serve them. No network: the hub is offline here (conftest.py), as everywhere in the suite.
 """
 
 import io
-import json
 import os
+import json
 from pathlib import Path
 
+import huggingface_hub
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
-os.environ["HF_HUB_OFFLINE"] = "1"  # a missing network must not hang; read before the import
-
-import huggingface_hub  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-from PIL import Image  # noqa: E402
-
-import pickapic  # noqa: E402
-import plumbing  # noqa: E402
-import sail  # noqa: E402
-import tiny_world  # noqa: E402
+import pickapic
+import plumbing
+import sail
+import tiny_world
+from conftest import png_bytes
 
 HUB_NAME = "yuvalkirstain/pickapic_v2"
 QUICK = ["--dpo-steps", "3", "--n-candidates", "3", "--k-draws", "2", "--prompts-per-iter", "4",
@@ -31,15 +29,9 @@ QUICK = ["--dpo-steps", "3", "--n-candidates", "3", "--k-draws", "2", "--prompts
 
 
 @pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
+def own_cache(tmp_path, monkeypatch):
     """The subset cache goes to the test's own folder, never the user's ~/.cache/sail."""
     monkeypatch.setenv("SAIL_CACHE", str(tmp_path / "sail-cache"))
-
-
-def png_bytes(colour):
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), colour).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def write_shards(folder, n_shards, n_rows, split="train"):
@@ -74,13 +66,18 @@ def subset(folder):
 
 
 def test_a_real_model_without_data_flags_trains_on_a_subset_of_local_parquet_shards(
-        tmp_path, monkeypatch):
+        tmp_path, capsys, monkeypatch):
     folder = tmp_path / "pickapic_v2"  # as `huggingface-cli download` leaves it: shards in data/
     write_shards(folder / "data", n_shards=3, n_rows=20)
     write_shards(folder / "data", n_shards=1, n_rows=20, split="train_unique")  # not train-*
-    monkeypatch.setattr(plumbing, "PICKAPIC_SEED_PAIRS", 8)
-    flags = ["--model", str(tiny_world.BASE), "--pickapic-dataset", str(folder), *QUICK]
+    flags = ["--model", str(tiny_world.BASE), "--pickapic-dataset", str(folder), *QUICK,
+             "--pickapic-pairs", "8"]
     assert sail.main([*flags, "--out", str(tmp_path / "one")]) == 0
+    first = capsys.readouterr().out.splitlines()[0]  # says what the job is: a check, its sizes
+    assert first.endswith("; default data: 8 Pick-a-Pic v2 pairs, 4 new prompts per iteration; "
+                          "Diffusion-DPO: 3 steps in step 0, at most 3 per iteration, lr 4e-08: "
+                          "a check of the whole real path, not an alignment (README, Quickstart: a "
+                          "run that aligns)"), first
     config = json.loads((tmp_path / "one" / "config.json").read_text())
     seed_pairs = plumbing.read_seed_pairs(config["seed_pairs"])
     prompts = plumbing.read_prompts(config["prompts"])

@@ -478,11 +478,11 @@ def check_model(pipe, args):
         raise InputError(f"--sampler {args.sampler}: {type(pipe).__name__} samples with "
                          + ("its flow-matching Euler: use --sampler euler" if flow
                             else "DDPM or DDIM (euler is for flow-matching models)"))
+    targets = lora_modules(denoiser(pipe))
     if args.lora_rank and not any(name == target or name.endswith("." + target)  # peft's rule
-                                  for name, _ in denoiser(pipe).named_modules()
-                                  for target in LORA_MODULES):
+                                  for name, _ in denoiser(pipe).named_modules() for target in targets):
         raise InputError(f"--lora-rank: the {denoiser_folder(denoiser(pipe))} of {args.model} has "
-                         f"none of the attention projections LoRA adapts ({', '.join(LORA_MODULES)})")
+                         f"none of the attention projections LoRA adapts ({', '.join(targets)})")
 
 
 # =================================================================================================
@@ -569,11 +569,22 @@ def base_model(args, run):
 # =================================================================================================
 # LoRA (--lora-rank): the same algorithm with fewer trained weights and no second UNet
 # =================================================================================================
-# Adapters on the UNet's attention projections, as the diffusers Diffusion-DPO example trains them
-# (examples/research_projects/diffusion_dpo/train_diffusion_dpo.py: LoraConfig(r=rank,
-# lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_MODULES); its README: rank 8).
-# Only the adapters train, so the UNet's own weights need neither gradients nor AdamW moments.
-LORA_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+# Adapters where each family's own diffusers LoRA script puts them: a UNet's attention projections,
+# as the Diffusion-DPO example trains them (examples/research_projects/diffusion_dpo/
+# train_diffusion_dpo.py: LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+# target_modules=...); its README: rank 8); SD3 adds its text stream's projections
+# (train_dreambooth_lora_sd3.py's default), FLUX also both streams' feed-forwards
+# (train_dreambooth_lora_flux.py's default). Only the adapters train, so the network's own weights
+# need neither gradients nor AdamW moments.
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+SD3_LORA = [*ATTENTION, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+LORA_MODULES = {"SD3Transformer2DModel": SD3_LORA, "FluxTransformer2DModel": [
+    *SD3_LORA, "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]}
+
+
+def lora_modules(model):
+    """The names (peft's suffix rule) of the modules LoRA adapts in this denoiser."""
+    return LORA_MODULES.get(type(getattr(model, "module", model)).__name__, ATTENTION)
 # The default lr: adapters start at B = 0 and need larger steps than full fine-tuning. Real
 # models: the same example's 1e-5 (batch 32); the tiny world: searched, then checked (docs/lora.md).
 LORA_LR = {"real": 1e-5, "tiny": 1e-3}
@@ -623,7 +634,7 @@ def begin_lora_round(unet, args, stage):
     theta == ref at step 1). Returns Eq. DPO's reference: the UNet with its adapters off."""
     merge_adapters(unet)
     config = peft().LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank,
-                               init_lora_weights="gaussian", target_modules=LORA_MODULES)
+                               init_lora_weights="gaussian", target_modules=lora_modules(unet))
     with torch.random.fork_rng(devices=[]):  # A ~ N(0, 1/r^2) from the round's own generator
         torch.manual_seed(seeded(args.seed, stage, "lora").initial_seed())
         unet.add_adapter(config, adapter_name=stage)

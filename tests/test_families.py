@@ -12,6 +12,7 @@ from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipel
                        FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline)
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config,
                           T5EncoderModel, T5Tokenizer)
+from safetensors import safe_open
 
 import plumbing
 import sail
@@ -266,12 +267,42 @@ def test_flow_lora_run_saves_adapters_its_pipeline_loads(flow_model, tmp_path, c
     run_saved_model(folder, run, capsys, "--lora-rank", "4", "--reward-ref", "prev",
                     "--precision", "bf16", lr=plumbing.LORA_LR["real"])  # FLUX users' memory savers
     assert not (run / "iter_1" / "transformer").exists()  # merged only with --save-merged
+    # adapters where the family's own diffusers LoRA script puts them: SD3 on its text stream's
+    # projections too, FLUX also on both streams' feed-forwards
+    with safe_open(run / "iter_0" / "lora" / "pytorch_lora_weights.safetensors", "pt") as saved:
+        adapted = {key.split(".lora_")[0] for key in saved.keys()}
     pipe = load_flow(flow_model)
+    expected = plumbing.LORA_MODULES["SD3Transformer2DModel" if "sd3" in family
+                                     else "FluxTransformer2DModel"]
+    assert adapted == {f"transformer.{name}" for name, _ in pipe.transformer.named_modules()
+                       if any(name.endswith("." + module) for module in expected)}
+    assert any(name.endswith(".add_q_proj") for name in adapted)  # more than the attention's
+    assert family != "flux" or any(name.endswith(".ff_context.net.2") for name in adapted)
     for stage in ("iter_0", "iter_1"):
         pipe.load_lora_weights(run / stage / "lora", adapter_name=stage)
     pipe.set_adapters(["iter_0", "iter_1"])
     assert pipe("a red circle", num_inference_steps=2, height=16, width=16,
                 output_type="pt").images.shape == (1, 3, 16, 16)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_gradient_checkpointing_changes_memory_not_results(family, tmp_path, capsys,
+                                                               monkeypatch):
+    """The transformer recomputes its blocks' activations in the backward pass (torch's
+    checkpoint is called) and every loss is the same."""
+    folder = tmp_path / family
+    build_tiny_flow(folder, family)
+    losses, calls, checkpoint = [], [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda *args, **kwargs: calls.append(1) or checkpoint(*args, **kwargs))
+    for checkpointing in ([], ["--gradient-checkpointing"]):
+        out = tmp_path / f"run{len(losses)}"
+        assert sail.main(["--model", str(folder), *REAL_QUICK, *TINY_DATA, "--iters", "0",
+                          "--lr", "1e-3", *checkpointing, "--out", str(out)]) == 0
+        losses.append([r["loss"] for r in records(out) if "step" in r])
+        assert bool(calls) == bool(checkpointing)
+    assert len(losses[0]) == 3 and losses[0][1] != losses[0][0]  # it trained...
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)        # ...the same with checkpointing
 
 
 def test_a_killed_flux_run_resumed_by_torchrun_computes_what_one_process_does(tmp_path, monkeypatch,

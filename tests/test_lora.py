@@ -53,7 +53,7 @@ def test_lora_trains_only_the_attention_projections(wired_run):
     out, _ = wired_run
     base, final = saved_unet(out, "base").state_dict(), saved_unet(out, "iter_2").state_dict()
     adapted = [name for name in base if name.endswith(  # W += (alpha / r) B A; biases stay
-        tuple(f".{module}.weight" for module in plumbing.LORA_MODULES))]
+        tuple(f".{module}.weight" for module in plumbing.ATTENTION))]
     assert adapted and all(not torch.equal(base[name], final[name]) for name in adapted)
     assert all(torch.equal(base[name], final[name]) for name in base if name not in adapted)
 

@@ -193,8 +193,8 @@ def is_flow(scheduler):
 def draw_timesteps(scheduler, n, generator):
     """(n,) indices t into the training schedule, drawn as the model was trained (Diffusion-DPO
     draws SD's t the way SD trained). DDPM: t ~ U{0..T-1}. Rectified flow: t = floor(T u), u ~
-    logit-normal(0, 1), the density SD3 trained with (Esser et al. 2024, section 5.1) and
-    diffusers' SD3/FLUX training default; the scheduler's sigmas[t] carry its shift."""
+    logit-normal(0, 1), the density SD3 trained with (Esser et al. 2024, section 5.1), diffusers'
+    SD3 script default (its FLUX script's: uniform); the scheduler's sigmas[t] carry its shift."""
     T = scheduler.config.num_train_timesteps
     if not is_flow(scheduler):
         return torch.randint(0, T, (n,), generator=generator)

@@ -99,8 +99,8 @@ MUTANTS = [
     ("latents-unscaled", "return (x0 - (vae.config.shift_factor or 0)) * vae.config.scaling_factor",
      "return x0 - (vae.config.shift_factor or 0)"),
     # 12. winners and losers stacked pair by pair while the loss splits the batch into halves
-    ("pairs-stacked-pair-by-pair", "return x0.flatten(0, 1).to(pipe.device)",
-     "return x0.transpose(0, 1).flatten(0, 1).to(pipe.device)"),
+    ("pairs-stacked-pair-by-pair", "return x0.flatten(0, 1)  ",
+     "return x0.transpose(0, 1).flatten(0, 1)  "),
     # 13. a prompt's candidates judged under another prompt's conditioning, or another's candidates
     ("judged-under-first-prompt", "map_cond(lambda v: v[p:p + 1], cond), scheduler,",
      "map_cond(lambda v: v[0:1], cond), scheduler,"),

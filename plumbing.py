@@ -538,6 +538,15 @@ def save_grid(images, seeds, path, tile=64):
     save_image(grid.reshape(3, seeds * tile, prompts * tile), path)
 
 
+def schedule_on(scheduler, device):
+    """The training schedule's tables (DDPM: alphas_cumprod; flow: sigmas, timesteps) moved to the
+    device once: every forward reads them, and a copy from the host would wait for the GPU."""
+    for name in ("alphas_cumprod", "sigmas", "timesteps"):
+        if isinstance(getattr(scheduler, name, None), torch.Tensor):
+            setattr(scheduler, name, getattr(scheduler, name).to(device))
+    return scheduler
+
+
 def map_cond(fn, cond):
     """Apply fn to every tensor of a conditioning dict (nested for SDXL): repeat, slice, concat."""
     return {name: map_cond(fn, value) if isinstance(value, dict) else fn(value)

@@ -69,8 +69,8 @@ from plumbing import (LORA_LR, AdaptersOff, InputError, Interrupted, Run, Traini
                       last_loss_scale, latent_shape_of, load_image, load_pipeline, make_optimizer,
                       map_cond, pair_paths, parse_flags, pipeline_class, read_data, refuse_changes,
                       restore_model, save_grid, save_image, save_model, save_pairs_json,
-                      saved_model, saved_settings, seeded, set_sampler, setup_processes,
-                      write_config)
+                      saved_model, saved_settings, schedule_on, seeded, set_sampler,
+                      setup_processes, write_config)
 
 
 # =================================================================================================
@@ -555,7 +555,7 @@ def training_schedule(pipe):
     """A fresh copy of the schedule the model trained on (the loss's and Eq. 8's), whatever sampler
     draws candidates: DDPM's alphas (SD, SDXL) or flow matching's sigmas (SD3, FLUX)."""
     kind = FlowMatchEulerDiscreteScheduler if is_flow(pipe.scheduler) else DDPMScheduler
-    return kind.from_config(pipe.scheduler.config)
+    return schedule_on(kind.from_config(pipe.scheduler.config), pipe.device)
 
 
 def encode_images(vae, images, noise):
@@ -589,19 +589,19 @@ def training_latents(pipe, batch, posterior_noise, resolution):
     round trip through its PNG and the VAE moves a latent by ~25% and reorders the ranking, SPEC
     section 2). Seed pairs are images: encoded as in Diffusion-DPO, with the step's posterior noise.
     """
-    x0 = torch.empty((2, len(batch), *posterior_noise.shape[2:]))                 # (2, b, C, h, w)
+    x0 = torch.empty((2, len(batch), *posterior_noise.shape[2:]), device=pipe.device)  # (2,b,C,h,w)
     images = [i for i, pair in enumerate(batch) if "chosen_latents" not in pair]
     if images:
         pixels = torch.stack([load_image(batch[i][key], resolution) for key in ("chosen", "rejected")
                               for i in images])                                   # (2e, 3, R, R)
         encoded = encode_images(pipe.vae, pixels.to(pipe.device),
                                 posterior_noise[:, images].flatten(0, 1))         # (2e, C, h, w)
-        x0[:, images] = encoded.cpu().view(2, len(images), *x0.shape[2:])
+        x0[:, images] = encoded.view(2, len(images), *x0.shape[2:])
     for i, pair in enumerate(batch):
         if "chosen_latents" in pair:
             x0[:, i] = torch.stack([torch.load(pair[f"{key}_latents"], weights_only=True)
                                     for key in ("chosen", "rejected")])             # (2, C, h, w)
-    return x0.flatten(0, 1).to(pipe.device)                                         # (2b, C, h, w)
+    return x0.flatten(0, 1)                                                         # (2b, C, h, w)
 
 
 # =================================================================================================
@@ -614,10 +614,12 @@ def accumulate_gradients(model, ref_unet, pipe, scheduler, data, args, run, scal
     Returns the step's metrics, averaged over micro-batches and processes.
     """
     batch, prompts, t, noise, posterior_noise = data
+    # draws to the device once, metrics read once a step: a host-GPU copy waits for the GPU's queue
+    t, noise, posterior_noise = (x.to(pipe.device) for x in (t, noise, posterior_noise))
     per_process = args.effective_batch // run.world
     micro = min(args.micro_batch, per_process)
     mine = range(run.rank * per_process, (run.rank + 1) * per_process, micro)
-    sums = torch.zeros(5)
+    sums = torch.zeros(5, device=pipe.device)
     for offset in mine:
         part = slice(offset, offset + micro)
         x0 = training_latents(pipe, batch[part], posterior_noise[:, part], args.resolution)
@@ -627,13 +629,12 @@ def accumulate_gradients(model, ref_unet, pipe, scheduler, data, args, run, scal
         with (contextlib.nullcontext() if last or run.world == 1 else model.no_sync()):
             with autocast(pipe.device, args.precision):
                 loss, inside, err_theta, err_ref = dpo_micro_batch(
-                    model, ref_unet, scheduler, x0, t[part].to(pipe.device),
-                    noise[part].to(pipe.device), cond, args.beta)
+                    model, ref_unet, scheduler, x0, t[part], noise[part], cond, args.beta)
             scaler.scale(loss / len(mine)).backward()
         # TRL's names: rewards/chosen = -(beta/2)(err_theta_w - err_ref_w), one draw of Eq. 8
         r_w, r_l = (-(args.beta / 2) * (err_theta - err_ref)).chunk(2)
-        sums += torch.tensor([loss.item(), (inside > 0).float().mean().item(),
-                              r_w.mean().item(), r_l.mean().item(), inside.mean().item()])
+        sums += torch.stack([loss.detach(), (inside > 0).float().mean(), r_w.mean(), r_l.mean(),
+                             inside.mean()])
     values = run.mean(sums / len(mine))  # the same numbers in every process
     return dict(zip(("loss", "implicit_acc", "rewards/chosen", "rewards/rejected",
                      "rewards/margins"), values.tolist()))
@@ -869,9 +870,8 @@ def finish_stage(pipe, args, run, data, stage, started, summary, judge_base):
 # =================================================================================================
 
 # The tiny world overrides what a 1M-parameter model on 16x16 images needs; the rest is the paper's.
-# lr: 1e-8 x batch gives 1.6e-7 here, far too small; 3e-5 trained, >= 1e-4 over-optimised (SPEC
-# section 4). CFG 4: the base draws the prompted colour and shape in 65% of samples at CFG 4, 52%
-# at CFG 2 (DDIM 10 steps). No warm-up: a quarter-stage ramp lowered the end score on 3 of 3 seeds.
+# lr: 1e-8 x batch gives 1.6e-7 here, far too small (SPEC section 4). CFG 4: the base draws the
+# prompt right 65% of the time, 52% at CFG 2. No warm-up: it lowered the end score on 3 of 3 seeds.
 TINY_PRESET = dict(resolution=16, sampler="ddim", sample_steps=10, guidance_scale=4.0,
                    effective_batch=16, micro_batch=16, lr=3e-5, dpo_steps=40, prompts_per_iter=18,
                    generation_batch=144, checkpoint_every=10, warmup_steps=0,

@@ -138,3 +138,26 @@ def test_sdxl_conditioning_has_pooled_embeddings_and_time_ids(tmp_path, tiny_bas
                                torch.tensor([10, 900]), cond)
     loss, _ = sail.dpo_loss(err[:1], err[1:], err[:1], err[1:], 5000.0)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_a_dpo_step_reads_its_metrics_from_the_device_once(tmp_path, monkeypatch):
+    """No host synchronisation per micro-batch: inside a step's gradient accumulation (4
+    micro-batches here) nothing is read back to the host but the step's metrics, once."""
+    reads, inside = [], [False]
+    for name in ("item", "tolist", "cpu"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k: (
+            reads.append(_name) if inside[0] else None, _real(self, *a, **k))[1])
+    accumulate = sail.accumulate_gradients
+
+    def spied(*args, **kwargs):
+        inside[0] = True
+        try:
+            return accumulate(*args, **kwargs)
+        finally:
+            inside[0] = False
+    monkeypatch.setattr(sail, "accumulate_gradients", spied)
+    assert sail.main(["--tiny", "--iters", "0", "--dpo-steps", "2", "--effective-batch", "8",
+                      "--micro-batch", "2", "--eval-seeds", "1", "--heldout-pairs", "none",
+                      "--out", str(tmp_path / "run")]) == 0
+    assert reads == ["tolist", "tolist"]  # one read a step, two steps

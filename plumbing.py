@@ -316,8 +316,7 @@ def default_job(args):
     """For the run's first line: a real model on the default data says what the job is."""
     if args.tiny or args.resume or args.seed_pairs or args.prompts:
         return ""
-    held = min(HELDOUT_MAX, int(HELDOUT_FRACTION * args.pickapic_pairs))
-    trained = args.pickapic_pairs - (held if held >= HELDOUT_MIN else 0)
+    trained = args.pickapic_pairs - heldout_size(args.pickapic_pairs)
     per_iter = args.prompts_per_iter or PICKAPIC_PROMPTS_PER_ITER
     # step 0 trains on the seed pairs; an iteration on at most per_iter self-labelled pairs / alpha
     steps = [args.dpo_steps or math.ceil(n / args.effective_batch)
@@ -329,6 +328,12 @@ def default_job(args):
             f"iteration, lr {args.lr:.3g}{what}")
 
 
+def heldout_size(n_pairs):
+    """How many of n seed pairs the random split holds out: 5%, at most 500, none below 20."""
+    n = min(HELDOUT_MAX, int(HELDOUT_FRACTION * n_pairs))
+    return n if n >= HELDOUT_MIN else 0
+
+
 def split_heldout(seed_pairs, args):
     """(seed pairs to train on, held-out human pairs, why there are none or ""): a file of its
     own, or a fixed 5% draw of at least HELDOUT_MIN pairs."""
@@ -336,9 +341,10 @@ def split_heldout(seed_pairs, args):
         return seed_pairs, [], "--heldout-pairs none"
     if args.heldout_pairs:
         return seed_pairs, read_seed_pairs(args.heldout_pairs), ""
-    n = min(HELDOUT_MAX, int(HELDOUT_FRACTION * len(seed_pairs)))
-    if n < HELDOUT_MIN:
-        return seed_pairs, [], (f"5% of {len(seed_pairs)} seed pairs is {n}, below the "
+    n = heldout_size(len(seed_pairs))
+    if not n:
+        return seed_pairs, [], (f"5% of {len(seed_pairs)} seed pairs is "
+                                f"{int(HELDOUT_FRACTION * len(seed_pairs))}, below the "
                                 f"{HELDOUT_MIN} a judge needs; --heldout-pairs FILE gives one")
     held = set(random.Random(f"{args.seed}-heldout").sample(range(len(seed_pairs)), n))
     return ([pair for i, pair in enumerate(seed_pairs) if i not in held],

@@ -169,8 +169,8 @@ class Args:
         "help": "live curves: also send metrics.jsonl and each stage's grid to <out>/tensorboard, W&B or Trackio"})
     # --- LoRA: less memory, the same algorithm (plumbing.py)
     lora_rank: int = field(default=0, metadata={
-        "help": "train rank-R adapters on the UNet's attention projections, not every weight; the "
-                "DPO reference is the UNet with them off (0: full fine-tuning; diffusers' DPO: 8)"})
+        "help": "train rank-R adapters (attention projections; SD3, FLUX: as their diffusers scripts), "
+                "not every weight; the DPO reference: them off (0: full fine-tuning; diffusers' DPO: 8)"})
     lora_alpha: Optional[float] = field(default=None, metadata={
         "help": "LoRA alpha: the adapters' update B A is scaled by alpha / rank (unset: = rank)"})
     save_merged: bool = field(default=False, metadata={

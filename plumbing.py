@@ -284,7 +284,7 @@ def save_image(image, path):
 # projected from the throughput measured on an H200).
 PICKAPIC_PROMPTS_PER_ITER = 100
 # A stage this short is a check of the real path, not an alignment: Diffusion-DPO trained SD 1.5
-# for 2000 steps, and the paper's 50K seed pairs make about 370 steps of 128 pairs.
+# for 2000 steps, and the paper's 50K seed pairs make about 390 steps of 128 pairs.
 CHECK_STEPS = 100
 # Seed pairs kept out of training for judge_acc/heldout: a fixed 5%, at most 500; below 20 pairs a
 # judge's agreement moves in steps too coarse to read (3 pairs: thirds), so then there is none.

@@ -127,3 +127,17 @@ def test_pickapic_bad_sources(tmp_path, capsys, argv, message):
     pytest.importorskip("datasets")
     assert pickapic.main([*argv, "--out", str(tmp_path / "o")]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_the_first_line_calls_a_short_default_job_a_check_and_a_paper_sized_one_not(tiny_base):
+    """Its step counts: step 0 on the seed pairs less the held-out ones (5%, at most 500), an
+    iteration on at most its prompts / alpha pairs, each over the effective batch of 128."""
+    small = plumbing.default_job(sail.parse_args(["--model", tiny_base]))
+    assert small == ("; default data: 1000 Pick-a-Pic v2 pairs, 100 new prompts per iteration; "
+                     "Diffusion-DPO: 8 steps in step 0, at most 4 per iteration, lr 1.28e-06: a "
+                     "check of the whole real path, not an alignment (README, Quickstart: a run "
+                     "that aligns)")
+    paper = plumbing.default_job(sail.parse_args(["--model", tiny_base, "--pickapic-pairs", "50000",
+                                                  "--prompts-per-iter", "10000"]))
+    assert paper.endswith("387 steps in step 0, at most 313 per iteration, lr 1.28e-06")
+    assert plumbing.default_job(sail.parse_args(["--model", tiny_base, *TINY_DATA])) == ""

@@ -784,6 +784,7 @@ class Run:
         """Open metrics.jsonl. Resuming, first drop the lines logged after the saved state the run
         continues from (they will be logged again), so the log reads as one uninterrupted run."""
         path = self.out / "metrics.jsonl"
+        logged = []  # the records it keeps: a reporter's x-axis counts their steps
         if self.main and path.exists():
             current = next((stage for stage in self.stages if not self.finished(stage)), None)
             checkpoint = self.checkpoint_path(current) if current else None
@@ -796,12 +797,13 @@ class Run:
                     continue
                 if record["stage"] != current or record.get("step", math.inf) <= last_step:
                     kept.append(line + "\n")
+                    logged.append(record)
             self.write(path, lambda temporary: temporary.write_text("".join(kept)))
         if self.main:
             self.log_file = open(path, "a")
         if self.main and self.args.report_to != "none":
             self.reporter = Reporter(self.args.report_to, self.out, dataclasses.asdict(self.args),
-                                     [json.loads(line) for line in path.read_text().splitlines()])
+                                     logged)
         self.barrier()
 
     def progress(self, **kwargs):

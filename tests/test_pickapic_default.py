@@ -11,8 +11,6 @@ import json
 from pathlib import Path
 
 import huggingface_hub
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -20,7 +18,7 @@ import pickapic
 import plumbing
 import sail
 import tiny_world
-from conftest import png_bytes
+from conftest import png_bytes, write_pickapic_shard
 
 HUB_NAME = "yuvalkirstain/pickapic_v2"
 QUICK = ["--dpo-steps", "3", "--n-candidates", "3", "--k-draws", "2", "--prompts-per-iter", "4",
@@ -46,8 +44,7 @@ def write_shards(folder, n_shards, n_rows, split="train"):
                  *((0.5, 0.5) if i % 5 == 4 else (1.0, 0.0) if i % 2 == 0 else (0.0, 1.0)))
                 for i in range(n_rows)]
         names.append(f"{split}-{s:05d}-of-{n_shards:05d}-{s:016x}.parquet")
-        pq.write_table(pa.table({column: [row[k] for row in rows] for k, column in enumerate(
-            pickapic.COLUMNS)}), folder / names[-1])
+        write_pickapic_shard(folder / names[-1], rows)
     return names
 
 

@@ -288,8 +288,9 @@ def memory(device, pairs, resolution, out):
 
     The whole training stage as sail.py holds it: theta (fp32) with its gradients and optimizer
     state, the frozen reference UNet, VAE and text encoder in --precision, activations of a
-    micro-batch of `pairs` pairs; with LoRA, the adapters' gradients and optimizer state and no
-    reference UNet (sail.begin_round). Fresh models for every option.
+    micro-batch of `pairs` pairs; with LoRA, the UNet's own weights frozen in --precision, the
+    fp32 adapters' gradients and optimizer state and no reference UNet (sail.begin_round).
+    Fresh models for every option.
     """
     seed_pairs = plumbing.read_seed_pairs(Path(__file__).parent / "seed_pairs.json")
     rows = []
@@ -300,7 +301,7 @@ def memory(device, pairs, resolution, out):
                              gradient_checkpointing=checkpointing, effective_batch=pairs,
                              micro_batch=pairs, dpo_steps=1, lr=1e-6, checkpoint_every=2,
                              lora_rank=lora_rank)
-            sail.cast_frozen_models(pipe, precision)
+            sail.cast_frozen_models(pipe, precision, lora=bool(lora_rank))  # as sail.main does
             if checkpointing:
                 pipe.unet.enable_gradient_checkpointing()
             ref = sail.begin_round(pipe, args, "iter_0")  # a frozen copy, or LoRA's adapters off
@@ -851,12 +852,63 @@ def tiny_reward_precision(run, device, prompts=tiny_world.PROMPTS):
             found[judge]["changed"] += ((int(r.argmax()), int(r.argmin()))
                                         != (int(truth.argmax()), int(truth.argmin())))
             found[judge]["error"] = max(found[judge]["error"], (r - truth).abs().max().item())
-    print(f"| judge | spread at theta == ref | real spread | ratio | best-worst changed vs fp32 "
-          f"| max abs(r - r_fp32) |\n|---|---|---|---|---|---|")
+    judge_table(found, len(prompts))
+    return 0
+
+
+def judge_table(found, prompts):
+    """The markdown table of tiny_reward_precision and tiny_lora_judge: per judge, the mean spread
+    of the N rewards at theta == ref and with the real theta, and its errors against the truth."""
+    print("| judge | spread at theta == ref | real spread | ratio | best-worst changed vs fp32 "
+          "| max abs(r - r_fp32) | max error / real spread |\n|---|---|---|---|---|---|---|")
     for judge, f in found.items():
         equal, real = statistics.mean(f["equal"]), statistics.mean(f["real"])
         print(f"| {judge} | {equal:.3g} | {real:.3g} | {equal / real:.1%} | {f['changed']} of "
-              f"{len(prompts)} | {f['error']:.3g} |")
+              f"{prompts} | {f['error']:.3g} | {f['error'] / real:.2%} |")
+
+
+def tiny_lora_judge(run, device, prompts=tiny_world.PROMPTS):
+    """Eq. 8 on a half-precision LoRA base (docs/lora.md): theta = a finished tiny LoRA run's base +
+    its step-0 adapters (fp32), the reference its base (as iteration 1 judges with --reward-ref
+    base), both the one network (plumbing.Rounds). The truth: the base stored in fp32. Against it:
+    the base stored in bf16 or fp16, as --lora-rank --precision keeps it, judged in fp32 layer by
+    layer (sail.judging, the default --reward-precision) and in the storage's own precision.
+    Candidates and text from the fp32 network, the same for every judge."""
+    args = sail.parse_args(["--resume", str(run)])
+    networks = {}
+    for storage in ("fp32", "bf16", "fp16"):
+        pipe = plumbing.load_pipeline(str(run / "tiny_base"), device)
+        sail.set_sampler(pipe, args)
+        sail.cast_frozen_models(pipe, storage, lora=True)  # before the adapters, as sail.main
+        plumbing.restore_adapters(pipe.unet, args, run, ["iter_0"])
+        networks[storage] = pipe
+    judges = {"fp32 base, fp32 (the truth)": ("fp32", "fp32"),
+              **{f"{s} base, {j}": (s, j) for s in ("bf16", "fp16") for j in ("fp32", s)}}
+    found = {judge: dict(equal=[], real=[], changed=0, error=0.0) for judge in judges}
+    scheduler = sail.training_schedule(networks["fp32"])
+    for j, prompt in enumerate(prompts):
+        with torch.no_grad():
+            latents = sail.generate(networks["fp32"], [prompt], args.n_candidates, args,
+                                    [sail.seeded(0, "c", j, c) for c in range(args.n_candidates)])
+            cond = sail.encode_text(networks["fp32"], [prompt], args)
+        rewards = {}
+        for judge, (storage, precision) in judges.items():
+            pipe = networks[storage]
+            base = plumbing.Rounds(pipe.unet, [])
+            for name, theta in (("equal", base), ("real", pipe.unet)):
+                with sail.judging(pipe, SimpleNamespace(reward_precision=precision)):
+                    rewards[judge, name] = sail.implicit_reward(
+                        theta, base, latents, cond, scheduler, args.beta, args.k_draws,
+                        sail.seeded(0, "r", j), args.reward_batch)               # (N,)
+        truth = rewards["fp32 base, fp32 (the truth)", "real"]
+        for judge in judges:
+            equal, r = rewards[judge, "equal"], rewards[judge, "real"]
+            found[judge]["equal"].append((equal.max() - equal.min()).item())
+            found[judge]["real"].append((r.max() - r.min()).item())
+            found[judge]["changed"] += ((int(r.argmax()), int(r.argmin()))
+                                        != (int(truth.argmax()), int(truth.argmin())))
+            found[judge]["error"] = max(found[judge]["error"], (r - truth).abs().max().item())
+    judge_table(found, len(prompts))
     return 0
 
 
@@ -1182,6 +1234,9 @@ def main(argv=None):
     parser.add_argument("--reward-precision-of", metavar="RUN",
                         help="instead: Eq. 8 per --reward-precision on a tiny-world run's step-0 "
                              "model against its base (the README's tiny-world table)")
+    parser.add_argument("--lora-judge-of", metavar="RUN",
+                        help="instead: Eq. 8 on a half-precision base, on a tiny-world LoRA run's "
+                             "step-0 adapters against its base (docs/lora.md)")
     parser.add_argument("--gpu-figures", action="store_true",
                         help="instead: the GPU figures (docs/real-models.md) in one run of at most 8 "
                              "minutes (parts 1-4, see the section's comment in bench.py)")
@@ -1204,6 +1259,8 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if options.reward_precision_of:
         return tiny_reward_precision(Path(options.reward_precision_of), device)
+    if options.lora_judge_of:
+        return tiny_lora_judge(Path(options.lora_judge_of), device)
     if options.gpu_figures:
         out.mkdir(parents=True)  # now: every row is saved as it completes
         log = open(out / "log", "w")

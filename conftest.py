@@ -409,7 +409,7 @@ def spy_on_sail(monkeypatch):
 
 
 # Every wiring test runs twice: full fine-tuning, and LoRA, whose DPO reference is the trained UNet
-# with its adapters off (each stage's merged UNet is saved, so the same checks read both).
+# with the round's adapters off (each stage's merged UNet is saved, so the same checks read both).
 LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--save-merged", "--lr", "1e-2"]
 
 

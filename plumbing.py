@@ -497,16 +497,18 @@ def check_model(pipe, args):
 
 # Memory: one GPU must be enough for SD 1.5. Frozen models -- the reference UNets, the VAE and the
 # text encoders -- are stored in --precision; the trained UNet keeps fp32 weights (AdamW updates of
-# lr x grad are far below bf16's resolution) and its forward passes run under autocast.
+# lr x grad are far below bf16's resolution) and its forward passes run under autocast. LoRA: only
+# the adapters train, so they are what stays fp32; the network's own weights are frozen models too.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def cast_frozen_models(pipe, precision):
-    """Text encoders and VAE to `precision`; a VAE whose config asks to stay fp32 (force_upcast:
-    SD's and SDXL's VAEs overflow in fp16) stays fp32 in fp16 runs."""
+def cast_frozen_models(pipe, precision, lora=False):
+    """Text encoders and VAE to `precision`, and with LoRA the denoiser's own (frozen) weights; a
+    VAE whose config asks to stay fp32 (force_upcast: SD's and SDXL's VAEs overflow in fp16) stays
+    fp32 in fp16 runs."""
     dtype, trained = DTYPES[precision], denoiser(pipe)
     for name, part in pipe.components.items():
-        if isinstance(part, torch.nn.Module) and part is not trained:
+        if isinstance(part, torch.nn.Module) and (part is not trained or lora):
             upcast = name == "vae" and dtype == torch.float16 and part.config.force_upcast
             part.to(torch.float32 if upcast else dtype)
 
@@ -582,7 +584,7 @@ def base_model(args, run):
 
 
 # =================================================================================================
-# LoRA (--lora-rank): the same algorithm with fewer trained weights and no second UNet
+# LoRA (--lora-rank): the same algorithm with fewer trained weights and no second network
 # =================================================================================================
 # Adapters where each family's own diffusers LoRA script puts them: a UNet's attention projections,
 # as the Diffusion-DPO example trains them (examples/research_projects/diffusion_dpo/
@@ -590,7 +592,10 @@ def base_model(args, run):
 # target_modules=...); its README: rank 8); SD3 adds its text stream's projections
 # (train_dreambooth_lora_sd3.py's default), FLUX also both streams' feed-forwards
 # (train_dreambooth_lora_flux.py's default). Only the adapters train, so the network's own weights
-# need neither gradients nor AdamW moments.
+# need neither gradients nor AdamW moments, nor fp32: they stay frozen in --precision (as those
+# scripts keep them), never copied. Each round's adapters stay adapters of their own, named after
+# the round, frozen once it ends: stage i = base + rounds 0..i, and every model SAIL needs is the
+# one network with some rounds switched on (Rounds).
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 SD3_LORA = [*ATTENTION, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 LORA_MODULES = {"SD3Transformer2DModel": SD3_LORA, "FluxTransformer2DModel": [
@@ -614,51 +619,103 @@ def peft():
     return peft
 
 
-class AdaptersOff:
-    """The trained UNet with its adapters switched off, called like a UNet. Every earlier round's
-    adapters are merged into its weights (begin_lora_round), so this is exactly the model the
-    current round started from: Eq. DPO's reference without a second UNet in memory."""
+def rounds_of(unet):
+    """The rounds whose adapters the network holds, in the order they trained."""
+    return list(getattr(unet, "peft_config", {}))
 
-    def __init__(self, unet):
-        self.unet = unet
+
+def switch_rounds(unet, rounds):
+    """Run the network with the adapters of `rounds` on and every other round's off. Set layer by
+    layer: peft's own set_adapter would also make the adapters it switches on trainable."""
+    for layer in unet.modules():
+        if isinstance(layer, peft().tuners.tuners_utils.BaseTunerLayer):
+            layer._active_adapter, layer._disable_adapters = list(rounds), not rounds
+
+
+class Rounds:
+    """The trained network run with only the adapters of `rounds`, called like a UNet: Eq. DPO's
+    reference (the rounds before the current one), Eq. 8's base (no round) or previous model
+    (the rounds before the judge's). Between calls every round is on, as training and sampling
+    need it: a model SAIL compares with, without a second network in memory."""
+
+    def __init__(self, unet, rounds):
+        self.unet, self.rounds = unet, list(rounds)
 
     device = property(lambda self: self.unet.device)
     dtype = property(lambda self: self.unet.dtype)
     config = property(lambda self: self.unet.config)
 
-    def to(self, *_):  # it lives wherever the trained UNet does
+    def to(self, *_):  # it lives wherever the trained network does
         return self
 
     def __call__(self, *args, **kwargs):
-        self.unet.disable_adapters()
+        switch_rounds(self.unet, self.rounds)
         try:
             return self.unet(*args, **kwargs)
         finally:
-            self.unet.enable_adapters()
+            switch_rounds(self.unet, rounds_of(self.unet))
 
 
-def merge_adapters(unet):
-    """Fold the UNet's adapters into its weights, W <- W + (alpha / r) B A, and remove them."""
-    if getattr(unet, "peft_config", None):
-        unet.fuse_lora()
-        unet.unload_lora()
+def base_references(pipe, args):
+    """eps_base as step 0's DPO reference (in --precision) and as Eq. 8's (in --reward-precision):
+    frozen copies kept on the CPU until needed, one where the two precisions agree; LoRA: the
+    trained network itself with no round's adapters on."""
+    unet = denoiser(pipe)
+    if args.lora_rank:
+        return Rounds(unet, []), Rounds(unet, [])
+    base = frozen_copy(unet, args.precision).to("cpu")
+    return base, (base if args.reward_precision == args.precision
+                  else frozen_copy(unet, args.reward_precision).to("cpu"))
 
 
 def begin_lora_round(unet, args, stage):
-    """Round `stage` starts: the last round's adapters are merged and fresh ones train (B = 0, so
-    theta == ref at step 1). Returns Eq. DPO's reference: the UNet with its adapters off."""
-    merge_adapters(unet)
+    """Round `stage` starts: fresh adapters in fp32 (B = 0, so theta == ref at step 1) are the
+    only weights that train; the earlier rounds' stay on, frozen. Returns Eq. DPO's reference:
+    the network with the earlier rounds only, the model the round started from."""
+    earlier = rounds_of(unet)
     config = peft().LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank,
                                init_lora_weights="gaussian", target_modules=lora_modules(unet))
     with torch.random.fork_rng(devices=[]):  # A ~ N(0, 1/r^2) from the round's own generator
         torch.manual_seed(seeded(args.seed, stage, "lora").initial_seed())
-        unet.add_adapter(config, adapter_name=stage)
-    return AdaptersOff(unet)
+        unet.add_adapter(config, adapter_name=stage)  # in the base's dtype: to fp32 below
+    for parameter in unet.parameters():  # the new round's adapters, the only ones add_adapter
+        if parameter.requires_grad:      # leaves trainable; fp32 so that lr x grad is not lost
+            parameter.data = parameter.data.float()
+    switch_rounds(unet, [*earlier, stage])
+    return Rounds(unet, earlier)
+
+
+@contextlib.contextmanager
+def judging(pipe, args):
+    """Eq. 8 in --reward-precision whatever the network is stored in: autocast to it, and where
+    LoRA keeps the base in half precision and Eq. 8 runs in fp32, each layer's weights cast to
+    fp32 while it runs (one layer's copy at a time, never the network's)."""
+    unet, stash = denoiser(pipe), {}
+
+    def upcast(layer, _):
+        stash[layer] = [p.data for p in layer.parameters(recurse=False)]
+        for p in layer.parameters(recurse=False):
+            p.data = p.data.float()
+
+    def restore(layer, *_):
+        for p, data in zip(layer.parameters(recurse=False), stash.pop(layer)):
+            p.data = data
+
+    half = [layer for layer in unet.modules() if args.reward_precision == "fp32" and any(
+        p.dtype != torch.float32 for p in layer.parameters(recurse=False))]
+    hooks = [hook for layer in half for hook in (layer.register_forward_pre_hook(upcast),
+                                                  layer.register_forward_hook(restore))]
+    try:
+        with autocast(pipe.device, args.reward_precision):
+            yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def save_adapters(pipe, folder, stage):
-    """<folder>/pytorch_lora_weights.safetensors, with the adapters' rank and alpha: what
-    pipe.load_lora_weights(folder, adapter_name=stage) reads."""
+    """<folder>/pytorch_lora_weights.safetensors, round `stage`'s adapters with their rank and
+    alpha: what pipe.load_lora_weights(folder, adapter_name=stage) reads."""
     model = denoiser(pipe)
     name = denoiser_folder(model)  # unet_lora_layers, or transformer_lora_layers for SD3 / FLUX
     type(pipe).save_lora_weights(folder, **{
@@ -667,20 +724,27 @@ def save_adapters(pipe, folder, stage):
 
 
 def merged_copy(unet):
-    """A CPU copy of the UNet with its adapters merged (--save-merged); training keeps its own."""
+    """--save-merged: a CPU copy of the network in fp32 with every round's adapters merged,
+    W + sum_i (alpha / r) B_i A_i (in a half-precision base most of that sum would round away);
+    training keeps its own."""
     device = unet.device
-    merged = copy.deepcopy(unet.to("cpu"))
+    merged = copy.deepcopy(unet.to("cpu")).float()
     unet.to(device)
-    merge_adapters(merged)
+    merged.fuse_lora(adapter_names=rounds_of(merged))
+    merged.unload_lora()
     return merged
 
 
-def restore_adapters(pipe, out, stages):
-    """Resuming: the base plus every finished stage's adapters, merged in order as training merged
-    them, the last still unmerged: the state the run was in when its last stage finished."""
+def restore_adapters(unet, args, out, stages):
+    """Resuming: every finished stage's adapters, added as training added them and loaded in fp32
+    as they were saved (diffusers' load_lora_weights would make them the base's dtype)."""
+    from safetensors.torch import load_file  # diffusers' own dependency
+    prefix = denoiser_folder(unet) + "."
     for stage in stages:
-        merge_adapters(denoiser(pipe))
-        pipe.load_lora_weights(out / stage / "lora", adapter_name=stage)
+        begin_lora_round(unet, args, stage)
+        saved = load_file(out / stage / "lora" / "pytorch_lora_weights.safetensors")
+        peft().set_peft_model_state_dict(unet, {name.removeprefix(prefix): value for name, value
+                                                in saved.items()}, adapter_name=stage)
 
 
 # =================================================================================================
@@ -1019,17 +1083,17 @@ def last_loss_scale(run, i):
 
 def restore_model(pipe, args, run, finished):
     """Resuming: the current model is the last finished stage's: its saved UNet, or with LoRA the
-    base plus every finished stage's adapters, merged as training merged them."""
+    base plus every finished stage's adapters."""
     if args.lora_rank:
-        restore_adapters(pipe, run.out, finished)
+        restore_adapters(denoiser(pipe), args, run.out, finished)
     else:
         denoiser(pipe).load_state_dict(saved_model(run.out, finished[-1], denoiser(pipe)).state_dict())
 
 
 def save_model(pipe, args, folder, stage):
     """<stage>/unet (SD3, FLUX: transformer), loads with its class's from_pretrained. LoRA:
-    <stage>/lora, the round's adapters (README: stage i = base + adapters 0..i), and the merged
-    denoiser with --save-merged."""
+    <stage>/lora, the round's adapters (README: stage i = base + adapters 0..i), and with
+    --save-merged the denoiser with every round merged, in fp32."""
     model = denoiser(pipe)
     if args.lora_rank:
         save_adapters(pipe, folder / "lora", stage)

@@ -62,15 +62,15 @@ from diffusers import (DDPMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipel
                        StableDiffusion3Pipeline, StableDiffusionXLPipeline)
 
 import tiny_world
-from plumbing import (LORA_LR, AdaptersOff, InputError, Interrupted, Run, TrainingDiverged,
-                      absolute_paths, autocast, base_model, begin_lora_round, cast_frozen_models,
-                      check_disk_space, check_model, check_new_folder, check_settings, default_job,
-                      default_precision, denoiser, explain_the_mix, flag_parser, frozen_copy,
-                      last_loss_scale, latent_shape_of, load_image, load_pipeline, make_optimizer,
-                      map_cond, pair_paths, parse_flags, pipeline_class, read_data, refuse_changes,
-                      restore_model, save_grid, save_image, save_model, save_pairs_json,
-                      saved_model, saved_settings, schedule_on, seeded, set_sampler,
-                      setup_processes, write_config)
+from plumbing import (InputError, Interrupted, LORA_LR, Rounds, Run, TrainingDiverged,
+                      absolute_paths, autocast, base_model, base_references, begin_lora_round,
+                      cast_frozen_models, check_disk_space, check_model, check_new_folder,
+                      check_settings, default_job, default_precision, denoiser, explain_the_mix,
+                      flag_parser, frozen_copy, judging, last_loss_scale, latent_shape_of,
+                      load_image, load_pipeline, make_optimizer, map_cond, pair_paths, parse_flags,
+                      pipeline_class, read_data, refuse_changes, restore_model, save_grid,
+                      save_image, save_model, save_pairs_json, saved_model, saved_settings,
+                      schedule_on, seeded, set_sampler, setup_processes, write_config)
 
 
 # =================================================================================================
@@ -158,8 +158,8 @@ class Args:
         "help": "a training checkpoint every this many DPO steps (generation: every prompt batch)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "keep the newest this many checkpoints"})
     precision: Optional[Literal["fp32", "bf16", "fp16"]] = field(default=None, metadata={
-        "help": "dtype of the frozen models and of autocast around the trained UNet (fp32 "
-                "weights) (unset: bf16 on a GPU that has it, else fp32)"})
+        "help": "dtype of the frozen models (LoRA: the UNet's own weights too) and of autocast "
+                "around the trained UNet (fp32 weights) (unset: bf16 on a GPU that has it, else fp32)"})
     reward_precision: Literal["fp32", "fp16", "bf16"] = field(default="fp32", metadata={
         "help": "precision of Eq. 8 and its frozen reference, whatever --precision is: beta/2 = "
                 "2500 magnifies rounding (docs/real-models.md: fp16 ranks 4x faster, bf16 worst)"})
@@ -169,12 +169,13 @@ class Args:
         "help": "live curves: also send metrics.jsonl and each stage's grid to <out>/tensorboard, W&B or Trackio"})
     # --- LoRA: less memory, the same algorithm (plumbing.py)
     lora_rank: int = field(default=0, metadata={
-        "help": "train rank-R adapters (attention projections; SD3, FLUX: as their diffusers scripts), "
-                "not every weight; the DPO reference: them off (0: full fine-tuning; diffusers' DPO: 8)"})
+        "help": "train rank-R fp32 adapters (attention projections; SD3, FLUX: as their diffusers "
+                "scripts) on the frozen UNet, a round's own each round; the DPO reference: that "
+                "round's off (0: full fine-tuning; diffusers' DPO: 8)"})
     lora_alpha: Optional[float] = field(default=None, metadata={
         "help": "LoRA alpha: the adapters' update B A is scaled by alpha / rank (unset: = rank)"})
     save_merged: bool = field(default=False, metadata={
-        "help": "LoRA: also save each stage's merged UNet (<stage>/unet; SD 1.5: 3.4 GB each)"})
+        "help": "LoRA: also save each stage's UNet, its rounds merged in fp32 (<stage>/unet; SD 1.5: 3.4 GB)"})
 
 
 # #################################################################################################
@@ -359,7 +360,7 @@ def judge_candidates(pipe, judge_ref, prompts, indices, args, stage):
     for p, j in enumerate(indices):
         candidates = latents[p * n:(p + 1) * n]                           # (N, C, h, w)
         generator = seeded(args.seed, stage, "reward", j)
-        with autocast(pipe.device, args.reward_precision):
+        with judging(pipe, args):  # in --reward-precision
             rewards = implicit_reward(denoiser(pipe), judge_ref, candidates,
                                       map_cond(lambda v: v[p:p + 1], cond), scheduler,
                                       args.beta, args.k_draws, generator, args.reward_batch)  # (N,)
@@ -447,11 +448,8 @@ def sail(args, pipe, data, run):
     """
     set_sampler(pipe, args)
     seed_pairs, prompts = data["seed_pairs"], data["prompts"]
-    # eps_base, frozen, on the CPU until needed: step 0's DPO reference in --precision, and
-    # Eq. 8's reference in --reward-precision (one copy where the two are the same)
-    base_unet = frozen_copy(denoiser(pipe), args.precision).to("cpu")
-    judge_base = (base_unet if args.reward_precision == args.precision
-                  else frozen_copy(denoiser(pipe), args.reward_precision).to("cpu"))
+    # eps_base, frozen: step 0's DPO reference and Eq. 8's (copies; LoRA: every adapter off)
+    base_unet, judge_base = base_references(pipe, args)
     finished = [stage for stage in run.stages[1:] if run.finished(stage)]
     if finished:  # resuming: the current model is the last finished stage's
         restore_model(pipe, args, run, finished)
@@ -669,15 +667,15 @@ def reward_reference(args, run, judge_base, i, unet):
     --reward-ref prev the model round i started from (round i's DPO reference)."""
     if args.reward_ref == "base" or i == 0:
         return judge_base
-    if args.lora_rank:  # round i's adapters are not merged yet: with them off, `unet` is eps^{i-1}
-        return AdaptersOff(unet)
+    if args.lora_rank:  # eps^{i-1}: the network with rounds 0..i-1 on, round i off
+        return Rounds(unet, [f"iter_{j}" for j in range(i)])
     return frozen_copy(saved_model(run.out, f"iter_{i - 1}", unet), args.reward_precision)
 
 
 def begin_round(pipe, args, stage, base=None):
     """A DPO round starts from the current model: returns Eq. DPO's reference, that model, frozen
-    on the device (step 0: `base`). LoRA: the last round's adapters are merged, fresh ones train,
-    and the reference is the UNet with them off, the same model without a copy (plumbing.py)."""
+    on the device (step 0: `base`). LoRA: fresh adapters train on top of the earlier rounds', and
+    the reference is the network with them off, the same model without a copy (plumbing.py)."""
     if args.lora_rank:
         return begin_lora_round(denoiser(pipe), args, stage)
     return (frozen_copy(denoiser(pipe), args.precision) if base is None else base).to(pipe.device)
@@ -830,7 +828,7 @@ def judge_agreement(pipe, judge_ref, heldout, args):
         means = torch.zeros((2, len(pairs), *latent_shape))  # posterior noise 0: the means
         x0 = training_latents(pipe, pairs, means, args.resolution)               # (2P, C, h, w)
         cond = encode_text(pipe, [pair["prompt"] for pair in pairs] * 2, args)
-        with autocast(pipe.device, args.reward_precision):
+        with judging(pipe, args):  # in --reward-precision
             rewards = implicit_reward(denoiser(pipe), judge_ref, x0, cond, scheduler, args.beta,
                                       args.k_draws, seeded(args.seed, "heldout"),
                                       args.reward_batch)                         # (2P,)
@@ -963,7 +961,7 @@ def main(argv=None):
     if run.main and not args.resume:
         write_config(args, run)
     run.barrier()
-    cast_frozen_models(pipe, args.precision)
+    cast_frozen_models(pipe, args.precision, lora=args.lora_rank)
     if args.gradient_checkpointing:
         denoiser(pipe).enable_gradient_checkpointing()
     say(f"{'resuming' if args.resume else 'writing to'} {run.out}; reward reference: "

@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import copy
 import csv
+import dataclasses
 import gc
 import json
 import math
@@ -347,7 +348,8 @@ def memory(device, pairs, resolution, out):
 #           sail's stage functions wrapped to time them and record each one's peak memory;
 #   part 2  a Diffusion-DPO step as the official train.py computes it, against sail.py's step;
 #   part 3  Eq. 8's rounding spread at theta == ref per precision, against a real spread;
-#   part 4  an SDXL-shaped DPO step at 1024 px with the SDXL preset (Adafactor).
+#   part 4  an SDXL-shaped DPO step at 1024 px with the SDXL preset (Adafactor), then with LoRA
+#           (rank 8, the UNet's own weights in bf16, gradient checkpointing: docs/lora.md).
 # Every row is printed and saved (results.csv, results.md) as it completes, so a run cut short
 # keeps what it measured; an out-of-memory error is a row, not the end of the run.
 
@@ -363,7 +365,7 @@ TOY_SIZES = dict(GPU_SIZES, resolution=16, sdxl_resolution=16, n_candidates=3, k
                  dpo_pairs=2, spread_prompts=2, spread_dpo_steps=1, repeats=1)
 # Seconds each piece is expected to take on an H100 (GPU_RUN estimate), to skip what cannot
 # finish inside --budget-s: part 1 per precision, then parts 2, 3, 4
-EXPECTED_SECONDS = {"fp32": 110, "bf16": 35, "fp16": 35, 2: 40, 3: 60, 4: 45}
+EXPECTED_SECONDS = {"fp32": 110, "bf16": 35, "fp16": 35, 2: 40, 3: 60, 4: 55}
 FIGURE_PROMPTS = ["a red circle", "a green square", "a blue triangle", "a yellow circle",
                   "a cyan square", "a magenta triangle"]
 FIGURE_FIELDS = ["part", "measure", "precision", "setting", "seconds", "units", "unit",
@@ -844,16 +846,22 @@ def tiny_reward_precision(run, device, prompts=tiny_world.PROMPTS):
                     rewards[judge, name] = sail.implicit_reward(
                         model, ref, latents, cond, scheduler, args.beta, args.k_draws,
                         sail.seeded(0, "r", j), args.reward_batch)               # (N,)
-        truth = rewards["fp32", "real"]
-        for judge in judges:
-            equal, r = rewards[judge, "equal"], rewards[judge, "real"]
-            found[judge]["equal"].append((equal.max() - equal.min()).item())
-            found[judge]["real"].append((r.max() - r.min()).item())
-            found[judge]["changed"] += ((int(r.argmax()), int(r.argmin()))
-                                        != (int(truth.argmax()), int(truth.argmin())))
-            found[judge]["error"] = max(found[judge]["error"], (r - truth).abs().max().item())
+        tally(found, rewards, "fp32")
     judge_table(found, len(prompts))
     return 0
+
+
+def tally(found, rewards, truth):
+    """One prompt's (N,) rewards per (judge, 'equal' or 'real') added to each judge's figures:
+    the spreads, whether its best-worst pair is the truth's, its largest error against it."""
+    truth = rewards[truth, "real"]
+    for judge, f in found.items():
+        equal, r = rewards[judge, "equal"], rewards[judge, "real"]
+        f["equal"].append((equal.max() - equal.min()).item())
+        f["real"].append((r.max() - r.min()).item())
+        f["changed"] += ((int(r.argmax()), int(r.argmin()))
+                         != (int(truth.argmax()), int(truth.argmin())))
+        f["error"] = max(f["error"], (r - truth).abs().max().item())
 
 
 def judge_table(found, prompts):
@@ -900,14 +908,7 @@ def tiny_lora_judge(run, device, prompts=tiny_world.PROMPTS):
                     rewards[judge, name] = sail.implicit_reward(
                         theta, base, latents, cond, scheduler, args.beta, args.k_draws,
                         sail.seeded(0, "r", j), args.reward_batch)               # (N,)
-        truth = rewards["fp32 base, fp32 (the truth)", "real"]
-        for judge in judges:
-            equal, r = rewards[judge, "equal"], rewards[judge, "real"]
-            found[judge]["equal"].append((equal.max() - equal.min()).item())
-            found[judge]["real"].append((r.max() - r.min()).item())
-            found[judge]["changed"] += ((int(r.argmax()), int(r.argmin()))
-                                        != (int(truth.argmax()), int(truth.argmin())))
-            found[judge]["error"] = max(found[judge]["error"], (r - truth).abs().max().item())
+        tally(found, rewards, "fp32 base, fp32 (the truth)")
     judge_table(found, len(prompts))
     return 0
 
@@ -999,9 +1000,42 @@ def sdxl_step(figures, scratch, repeats):
             pipe.unet.zero_grad(set_to_none=True)
             pipe.unet.eval().requires_grad_(False)
             free_memory(device)
-    run.log_file.close()
-    del pipe, ref_unet
+    del ref_unet
     free_memory(device)
+    lora_step(figures, pipe, pairs, args, run, repeats)
+    run.log_file.close()
+    del pipe
+    free_memory(device)
+
+
+def lora_step(figures, pipe, pairs, args, run, repeats):
+    """Part 4's LoRA row: the same step with --lora-rank 8 as sail.py runs it, the UNet's own
+    weights frozen in bf16 (no reference copy), fp32 adapters, AdamW, gradient checkpointing."""
+    args = dataclasses.replace(args, lora_rank=8, optimizer="adamw", lr=plumbing.LORA_LR["real"])
+    name, setting = "SDXL LoRA DPO step, rank 8, AdamW, gradient checkpointing on", \
+        f"{len(pairs)} pairs/step, {args.resolution} px"
+    try:
+        plumbing.peft()
+    except plumbing.InputError as missing:
+        figures.add(part=4, measure=name, precision=args.precision, status=f"skipped: {missing}")
+        return
+    sail.cast_frozen_models(pipe, args.precision, lora=True)  # as sail.main does
+    pipe.unet.enable_gradient_checkpointing()
+    ref = sail.begin_round(pipe, args, "iter_0")  # the UNet with the round's adapters off
+    trained = [p for p in pipe.unet.parameters() if p.requires_grad]  # a stage ends freezing them
+
+    def step():
+        for parameter in trained:
+            parameter.requires_grad_(True)
+        return sail.diffusion_dpo(pipe, ref, pairs, args, "iter_0", run)
+    adapters = sum(p.numel() for p in trained)
+    try:
+        seconds, peak, _ = measure(step, repeats, figures.device)
+        figures.add(part=4, measure=name, precision=args.precision, setting=setting,
+                    seconds=seconds, units=len(pairs), unit="pairs", peak_gib=peak / 1024,
+                    note=f"base in {args.precision}, {adapters / 1e6:.3g}M fp32 adapter weights")
+    except torch.OutOfMemoryError:
+        figures.add(part=4, measure=name, precision=args.precision, setting=setting, status="OOM")
 
 
 def figures_markdown(figures):

@@ -26,8 +26,8 @@ import tiny_world
 
 HERE = Path(__file__).parent
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None  # optional: the plots
-needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None,
-                                reason="peft is not installed (optional: --lora-rank)")
+HAS_PEFT = importlib.util.find_spec("peft") is not None  # optional: --lora-rank
+needs_peft = pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed (optional: --lora-rank)")
 
 
 def pytest_configure(config):

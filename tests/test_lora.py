@@ -228,7 +228,8 @@ BF16_LORA = [*RESUMABLE, "--iters", "2", "--dpo-steps", "4", "--precision", "bf1
 
 
 @needs_peft
-def test_lora_on_a_bf16_base_holds_one_network_and_resumes_bit_for_bit(tmp_path, monkeypatch):
+def test_lora_on_a_bf16_base_holds_one_network_and_resumes_bit_for_bit(tmp_path, monkeypatch,
+                                                                       capsys):
     """--precision bf16 --lora-rank: the network's own weights stay frozen in bf16, never copied
     (the process never holds a second network, nor the bytes of one), each round's adapters are
     fp32 and stay adapters; step 1 of every round is exactly ln 2; a run killed in iter_2 (after
@@ -274,6 +275,18 @@ def test_lora_on_a_bf16_base_holds_one_network_and_resumes_bit_for_bit(tmp_path,
     adapted = [n for n in base if n.endswith(tuple(f".{m}.weight" for m in plumbing.ATTENTION))]
     assert all(torch.equal(merged[n], base[n].bfloat16().float()) for n in base if n not in adapted)
     assert any(not torch.equal(merged[n], merged[n].bfloat16().float()) for n in adapted)
+    # bench.py --lora-judge-of: at theta == ref every judge's spread is 0 (one network on the
+    # same rounded weights); the truth has no error against itself; the others have some
+    import bench
+    capsys.readouterr()
+    assert bench.tiny_lora_judge(expected, torch.device("cpu"), prompts=["a red square"]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in
+            capsys.readouterr().out.splitlines() if line.startswith("| ") and " base, " in line}
+    assert list(rows) == ["fp32 base, fp32 (the truth)", "bf16 base, fp32", "bf16 base, bf16",
+                          "fp16 base, fp32", "fp16 base, fp16"]
+    assert all(cells[0] == "0" for cells in rows.values())
+    assert rows["fp32 base, fp32 (the truth)"][4] == "0"
+    assert all(float(cells[4]) > 0 for name, cells in rows.items() if "truth" not in name)
 
 
 @needs_peft

@@ -48,9 +48,10 @@ import diffusers.optimization  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
-from diffusers import (AutoencoderKL, StableDiffusionPipeline,  # noqa: E402
+from diffusers import (AutoencoderKL, FluxTransformer2DModel, StableDiffusionPipeline,  # noqa: E402
                        UNet2DConditionModel)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,  # noqa: E402
+                          T5Config, T5EncoderModel, T5Tokenizer)
 
 import plumbing  # noqa: E402
 import sail  # noqa: E402
@@ -349,7 +350,9 @@ def memory(device, pairs, resolution, out):
 #   part 2  a Diffusion-DPO step as the official train.py computes it, against sail.py's step;
 #   part 3  Eq. 8's rounding spread at theta == ref per precision, against a real spread;
 #   part 4  an SDXL-shaped DPO step at 1024 px with the SDXL preset (Adafactor), then with LoRA
-#           (rank 8, the UNet's own weights in bf16, gradient checkpointing: docs/lora.md).
+#           (rank 8, the UNet's own weights in bf16, gradient checkpointing: docs/lora.md);
+#   part 5  (only when asked: --parts 5) a FLUX.1-shaped LoRA stage's peaks: a DPO step,
+#           generation, Eq. 8 (docs/lora.md: memory).
 # Every row is printed and saved (results.csv, results.md) as it completes, so a run cut short
 # keeps what it measured; an out-of-memory error is a row, not the end of the run.
 
@@ -358,14 +361,16 @@ def memory(device, pairs, resolution, out):
 GPU_SIZES = dict(resolution=512, sdxl_resolution=1024, n_candidates=8, k_draws=10,
                  sample_steps=50, guidance_scale=7.5, prompts_per_iter=1, seed_pairs=8,
                  effective_batch=4, micro_batch=2, dpo_steps=2, eval_seeds=1, dpo_pairs=8,
-                 spread_prompts=3, spread_dpo_steps=2, sdxl_pairs=1, repeats=3)
+                 spread_prompts=3, spread_dpo_steps=2, sdxl_pairs=1, repeats=3,
+                 flux_resolution=1024, flux_sample_steps=4, flux_reward_batch=4)
 # --toy: the same code paths at tiny sizes and tiny models, on a CPU in seconds (the test runs it)
 TOY_SIZES = dict(GPU_SIZES, resolution=16, sdxl_resolution=16, n_candidates=3, k_draws=2,
                  sample_steps=2, seed_pairs=4, effective_batch=2, micro_batch=1, dpo_steps=1,
-                 dpo_pairs=2, spread_prompts=2, spread_dpo_steps=1, repeats=1)
+                 dpo_pairs=2, spread_prompts=2, spread_dpo_steps=1, repeats=1,
+                 flux_resolution=16, flux_sample_steps=2, flux_reward_batch=2)
 # Seconds each piece is expected to take on an H100 (GPU_RUN estimate), to skip what cannot
 # finish inside --budget-s: part 1 per precision, then parts 2, 3, 4
-EXPECTED_SECONDS = {"fp32": 110, "bf16": 35, "fp16": 35, 2: 40, 3: 60, 4: 55}
+EXPECTED_SECONDS = {"fp32": 110, "bf16": 35, "fp16": 35, 2: 40, 3: 60, 4: 55, 5: 120}
 FIGURE_PROMPTS = ["a red circle", "a green square", "a blue triangle", "a yellow circle",
                   "a cyan square", "a magenta triangle"]
 FIGURE_FIELDS = ["part", "measure", "precision", "setting", "seconds", "units", "unit",
@@ -1038,6 +1043,127 @@ def lora_step(figures, pipe, pairs, args, run, repeats):
         figures.add(part=4, measure=name, precision=args.precision, setting=setting, status="OOM")
 
 
+def flux_shaped_pipeline(folder, toy):
+    """FLUX.1-dev's architecture with random weights, from configs: its transformer (12B
+    parameters; --toy: a tiny one with the same conditioning), T5-XXL's encoder (4.8B) and CLIP
+    ViT-L under word-level tokenizers (T5's 512 tokens, as the pipeline pads them), FLUX's
+    16-channel VAE and its flow-matching scheduler. Built in bf16, as --lora-rank keeps them."""
+    clip_words = tiny_world.tokenizer(folder)
+    words = ["a", *tiny_world.COLOURS, *tiny_world.SHAPES]
+    t5_words = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0),
+                                  *((f"\u2581{word}", -1.0) for word in words)], extra_ids=0)
+    if toy:
+        sizes = dict(transformer=dict(num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                      num_attention_heads=2, axes_dims_rope=(4, 4, 8)),
+                     t5=dict(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4),
+                     clip=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4), vae=(8, 16))
+        joint, pooled = 32, 32
+    else:
+        sizes = dict(transformer=dict(num_layers=19, num_single_layers=38, attention_head_dim=128,
+                                      num_attention_heads=24, axes_dims_rope=(16, 56, 56)),
+                     t5=dict(d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64),
+                     clip={}, vae=(128, 256, 512, 512))
+        joint, pooled = 4096, 768
+    clip_words.model_max_length = 77
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16 * 4,  # 2x2 latent patches
+                                         joint_attention_dim=joint, pooled_projection_dim=pooled,
+                                         guidance_embeds=True, **sizes["transformer"])
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_words), feed_forward_proj="gated-gelu",
+                                 **sizes["t5"]))
+    clip = CLIPTextModel(clip_text_config(clip_words, **({} if not toy else {
+        **sizes["clip"], "hidden_size": pooled})))
+    vae = AutoencoderKL(block_out_channels=sizes["vae"], latent_channels=16,
+                        down_block_types=("DownEncoderBlock2D",) * len(sizes["vae"]),
+                        up_block_types=("UpDecoderBlock2D",) * len(sizes["vae"]),
+                        layers_per_block=2 if not toy else 1, norm_num_groups=32 if not toy else 4,
+                        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159,
+                        scaling_factor=0.3611)
+    scheduler = sail.FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096)
+    return sail.FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae,
+                             text_encoder=clip, tokenizer=clip_words, text_encoder_2=t5,
+                             tokenizer_2=t5_words)
+
+
+def flux_lora_stage(figures, scratch):
+    """Part 5: what a FLUX.1 LoRA stage holds at once, as sail.py runs it with --lora-rank 8
+    --precision bf16 --gradient-checkpointing at --sizes flux_resolution: one DPO step of one pair,
+    one candidate's generation (the peak does not grow with the step count; --sizes
+    flux_sample_steps), and Eq. 8 in fp32 layer by layer (--sizes flux_reward_batch noisy latents
+    per call). Random weights (docs/lora.md: memory)."""
+    device, sizes = figures.device, figures.sizes
+    resolution, started = sizes["flux_resolution"], time.perf_counter()
+    (scratch / "flux-tokenizer").mkdir()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 on the GPU: no 48 GB fp32 transient
+    try:
+        with torch.device(device):
+            pipe = flux_shaped_pipeline(scratch / "flux-tokenizer", figures.toy)
+    finally:
+        torch.set_default_dtype(default)
+    pipe = plumbing.prepare_pipeline(pipe, device)
+    args = sail.Args(**{**sail.FLUX_PRESET, "resolution": resolution,
+                        "sample_steps": sizes["flux_sample_steps"]}, precision="bf16",
+                     lora_rank=8, lr=plumbing.LORA_LR["real"], gradient_checkpointing=True,
+                     effective_batch=1, micro_batch=1, dpo_steps=1, checkpoint_every=2,
+                     n_candidates=1, k_draws=sizes["flux_reward_batch"],
+                     reward_batch=sizes["flux_reward_batch"])
+    try:
+        plumbing.peft()
+    except plumbing.InputError as missing:
+        figures.add(part=5, measure="FLUX.1 LoRA stage", precision="bf16", status=f"skipped: {missing}")
+        return
+    sail.cast_frozen_models(pipe, "bf16", lora=True)
+    pipe.transformer.enable_gradient_checkpointing()
+    ref = sail.begin_round(pipe, args, "iter_0")
+    weights = sum(p.numel() for p in pipe.transformer.parameters())
+    print(f"part 5: FLUX-shaped pipeline built in {time.perf_counter() - started:.1f} s; "
+          f"transformer {weights / 1e9:.3g}B parameters", flush=True)
+    pairs = plumbing.read_seed_pairs(write_random_pairs(
+        scratch / "flux-pairs", 1, resolution, FIGURE_PROMPTS))
+    run = sail.Run(scratch / "part5", args)
+    run.out.mkdir(parents=True)
+    run.open_log()
+    trained = [p for p in pipe.transformer.parameters() if p.requires_grad]
+
+    def dpo_step():
+        for parameter in trained:  # a stage ends freezing them
+            parameter.requires_grad_(True)
+        return sail.diffusion_dpo(pipe, ref, pairs, args, "iter_0", run)
+
+    candidate = []
+
+    def generation():
+        candidate[:] = [sail.generate(pipe, FIGURE_PROMPTS[:1], 1, args,
+                                      torch.Generator().manual_seed(0))]
+
+    def ranking():  # the candidate just generated, against the base: every adapter off
+        with sail.judging(pipe, args):
+            return sail.implicit_reward(pipe.transformer, plumbing.Rounds(pipe.transformer, []),
+                                        candidate[0], sail.encode_text(pipe, FIGURE_PROMPTS[:1], args),
+                                        sail.training_schedule(pipe), args.beta, args.k_draws,
+                                        torch.Generator().manual_seed(0), args.reward_batch)
+    setting = f"{resolution} px, rank 8, transformer {weights / 1e9:.3g}B"
+    for name, work, units, unit in (
+            ("DPO step, 1 pair, gradient checkpointing", dpo_step, 1, "pairs"),
+            (f"generation, {args.sample_steps} steps", generation, 1, "images"),
+            (f"Eq. 8 in fp32 layer by layer, {args.reward_batch} latents per call",
+             ranking, args.k_draws, "noisy latents")):
+        try:
+            seconds, peak, _ = measure(work, 1, device)  # its peaks; 12B in fp32 is slow
+            figures.add(part=5, measure=f"FLUX.1 LoRA: {name}", precision="bf16", setting=setting,
+                        seconds=seconds, units=units, unit=unit, peak_gib=peak / 1024)
+        except torch.OutOfMemoryError:
+            figures.add(part=5, measure=f"FLUX.1 LoRA: {name}", precision="bf16",
+                        setting=setting, status="OOM")
+        free_memory(device)
+    run.log_file.close()
+    del pipe, ref
+    free_memory(device)
+
+
 def figures_markdown(figures):
     """results.md: the machine, the sizes, then a table per part, with the ratios of part 2."""
     device, rows = figures.device, figures.rows
@@ -1109,6 +1235,10 @@ def figures_markdown(figures):
           lambda r: [r["measure"], r["precision"], r["setting"], number(r["seconds"], ".3f"),
                      number(r["per_second"], ".3g"), number(r["peak_gib"], ".2f"), r["status"],
                      r["note"]])
+    table(5, "5. A FLUX.1-shaped LoRA stage's peaks (--lora-rank 8, bf16 base)",
+          ["measure", "setting", "seconds", "rate", "peak GiB", "status"],
+          lambda r: [r["measure"], r["setting"], number(r["seconds"], ".2f"), rate(r),
+                     number(r["peak_gib"], ".2f"), r["status"]])
     return "\n".join(lines) + "\n"
 
 
@@ -1171,7 +1301,7 @@ def gpu_figures(device, out, options):
         started = time.perf_counter()
         model = scratch / "sd15-shaped"
         (scratch / "tokenizer").mkdir()
-        if options.toy:
+        if options.toy or not parts & {1, 2, 3}:  # part 4 and 5 build their own
             tiny_world.build_pipeline(scratch / "tokenizer").save_pretrained(model)
         else:
             with torch.device(device):  # random init on the GPU: seconds, not a minute of CPU
@@ -1198,6 +1328,9 @@ def gpu_figures(device, out, options):
         if 4 in parts:
             attempt(4, "SDXL DPO step", "bf16", EXPECTED_SECONDS[4], lambda: sdxl_step(
                 figures, scratch, sizes["repeats"]))
+        if 5 in parts:
+            attempt(5, "FLUX.1 LoRA stage", "bf16", EXPECTED_SECONDS[5], lambda: flux_lora_stage(
+                figures, scratch))
         if 1 in parts and "fp32" in figures.precisions:
             attempt(1, "whole run", "fp32", EXPECTED_SECONDS["fp32"], lambda: whole_runs(
                 figures, model, seed_pairs_file, scratch, "fp32"))

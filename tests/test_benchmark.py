@@ -110,3 +110,20 @@ def test_gpu_figures_records_out_of_memory_and_the_time_budget(tmp_path, monkeyp
                        "--out", str(out)]) == 0
     assert [r["status"].split(":")[0] for r in figure_rows(out) if r["part"] in ("2", "3")] == [
         "skipped", "skipped"]
+
+
+@pytest.mark.optional  # peft: LoRA
+def test_gpu_figures_toy_part_5_measures_a_flux_lora_stage(tmp_path):
+    """Part 5, asked for alone: a FLUX-shaped LoRA stage's DPO step, generation and Eq. 8, each
+    a row with its peak memory, and its table in results.md."""
+    import bench
+    out = tmp_path / "flux"
+    assert bench.main(["--gpu-figures", "--toy", "--parts", "5", "--out", str(out)]) == 0
+    rows = [r for r in figure_rows(out) if r["part"] == "5"]
+    if not HAS_PEFT:
+        assert [r["status"].split(":")[0] for r in rows] == ["skipped"]
+        return
+    assert [r["measure"].split(":")[1].split(",")[0].strip() for r in rows] == [
+        "DPO step", "generation", "Eq. 8 in fp32 layer by layer"]
+    assert all(r["status"] == "ok" and float(r["peak_gib"]) > 0 for r in rows)
+    assert "## 5. A FLUX.1-shaped LoRA stage" in (out / "results.md").read_text()

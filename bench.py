@@ -1141,10 +1141,10 @@ def flux_lora_stage(figures, scratch):
 
     def ranking():  # the candidate just generated, against the base: every adapter off
         with sail.judging(pipe, args):
-            return sail.implicit_reward(pipe.transformer, plumbing.Rounds(pipe.transformer, []),
-                                        candidate[0], sail.encode_text(pipe, FIGURE_PROMPTS[:1], args),
-                                        sail.training_schedule(pipe), args.beta, args.k_draws,
-                                        torch.Generator().manual_seed(0), args.reward_batch)
+            return sail.implicit_reward(
+                pipe.transformer, plumbing.Rounds(pipe.transformer, []), candidate[0],
+                sail.encode_text(pipe, FIGURE_PROMPTS[:1], args), sail.training_schedule(pipe),
+                args.beta, args.k_draws, torch.Generator().manual_seed(0), args.reward_batch)
     setting = f"{resolution} px, rank 8, transformer {weights / 1e9:.3g}B"
     for name, work, units, unit in (
             ("DPO step, 1 pair, gradient checkpointing", dpo_step, 1, "pairs"),

@@ -51,9 +51,10 @@ MUTANTS = [
      "new_prompts = prompts[0:per_iter]"),
     ("prompt-slice-shifted", "first = (i - 1) * per_iter", "first = i * per_iter"),
     # 4. candidates drawn, or judged, by another model than the current one
-    ("candidates-drawn-by-judge-ref", "latents = generate(pipe, prompts, n, args, generators)",
+    ("candidates-drawn-by-judge-ref",
+     "latents = generate(pipe, prompts, n, args, [seeded(*key) for key in keys])",
      "latents = generate(type(pipe)(**{**pipe.components, 'unet': judge_ref}), "
-     "prompts, n, args, generators)"),
+     "prompts, n, args, [seeded(*key) for key in keys])"),
     ("eq8-theta-and-ref-swapped", "rewards = implicit_reward(denoiser(pipe), judge_ref, candidates,",
      "rewards = implicit_reward(judge_ref, denoiser(pipe), candidates,"),
     ("candidates-sampled-with-ddpm", "    set_sampler(pipe, args)", "    pass"),
@@ -67,10 +68,10 @@ MUTANTS = [
     ("shared-posterior-noise", "posterior_noise[:, images].flatten(0, 1))",
      "posterior_noise[0, images].repeat(2, 1, 1, 1))"),
     # 7. pairs.json or the saved pair images say the opposite of what Eq. 8 ranked / what trains
-    ("pair-pngs-swapped", 'zip(("chosen", "rejected"), latents, images):',
-     'zip(("chosen", "rejected"), latents, images.flip(0)):'),
-    ("pair-latents-swapped", 'zip(("chosen", "rejected"), latents, images):',
-     'zip(("chosen", "rejected"), latents.flip(0), images):'),
+    ("pair-pngs-swapped", 'zip(("chosen", "rejected"), latents, images, noises):',
+     'zip(("chosen", "rejected"), latents, images.flip(0), noises):'),
+    ("pair-latents-swapped", 'zip(("chosen", "rejected"), latents, images, noises):',
+     'zip(("chosen", "rejected"), latents.flip(0), images, noises):'),
     ("pair-images-swapped-vs-rewards", "pair = candidates[list(chosen)]",
      "pair = candidates[list(chosen)[::-1]]"),
     ("pairs-json-rewards-swapped", '"reward_chosen": r_w, "reward_rejected": r_l,',
@@ -78,8 +79,8 @@ MUTANTS = [
     ("pairs-json-flipped", 'run.write_json(folder / "pairs.json", [',
      'run.write_json(folder / "pairs.json", [{**q, "chosen": q["rejected"], '
      '"rejected": q["chosen"]} for q in self_pairs] or [', "plumbing.py"),
-    ("confidence-inverted", "preference_probability(r_w, r_l).item()))",
-     "preference_probability(r_l, r_w).item()))"),
+    ("confidence-inverted", "preference_probability(r_w, r_l).item(),",
+     "preference_probability(r_l, r_w).item(),"),
     ("pair-prompts-rotated", "zip(prompts[start:done], run.gather(found))",
      "zip(prompts[start + 1:done] + prompts[start:start + 1], run.gather(found))"),
     # 8. the evaluation noise differs from stage to stage
@@ -164,6 +165,16 @@ MUTANTS = [
      "    for stage in stages[-1:]:", "plumbing.py"),
     ("lora-reward-ref-prev-is-the-current-model", 'return Rounds(unet, [f"iter_{j}" for j in range(i)])',
      "return unet"),
+    # --pair-noise prior (PNAPO): each self-labelled image on the noise it was sampled from
+    ("prior-noise-of-the-other-image", "noises[p * n:(p + 1) * n][list(chosen)].cpu()))",
+     "noises[p * n:(p + 1) * n][list(chosen)[::-1]].cpu()))"),
+    ("prior-noise-not-saved", 'pair[f"{key}_noise"] = name + "_noise.pt"', "pass"),
+    ("prior-noise-ignored-in-training",
+     'eps[side * len(batch) + i] = torch.load(pair[f"{key}_noise"], weights_only=True)', "pass"),
+    ("prior-noise-winner-loser-swapped", 'for side, key in enumerate(("chosen", "rejected")):',
+     'for side, key in enumerate(("rejected", "chosen")):'),
+    ("relabel-leaves-the-noise", 'for end in ("", "_latents", "_noise"):', 'for end in ("", "_latents"):',
+     "tiny_world.py"),
     ("checkpoint-not-restored", 'unet.load_state_dict({**unet.state_dict(), **checkpoint["unet"]})',
      "pass"),
     # flow-matching models: Eq. RF, the time the model is told, FLUX's packing

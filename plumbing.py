@@ -31,6 +31,7 @@ import random
 import shutil
 import signal
 import sys
+import time
 import typing
 import warnings
 from pathlib import Path
@@ -80,12 +81,20 @@ class TrainingDiverged(Exception):
 # The command line: argparse from sail.Args, resume, checks
 # =================================================================================================
 
-def flag_parser(settings, groups, defaults, description):
+# --help's groups of sail.Args, each named at its first setting (sail.py's "# ---" comments)
+GROUPS = {"model": "what to align, and where to write", "iters": "SAIL (SPEC section 3)",
+          "effective_batch": "Diffusion-DPO training", "resolution": "sampling candidates",
+          "oracle_labels": "a control of the tiny world",
+          "resume": "a long job: resume, memory (none of these changes the algorithm)",
+          "lora_rank": "LoRA: less memory, the same algorithm"}
+
+
+def flag_parser(settings, defaults, description):
     """argparse from a dataclass: dashed names, switches as switches, grouped, defaults shown."""
     parser = argparse.ArgumentParser(prog="sail.py", description=description, allow_abbrev=False)
     for setting in dataclasses.fields(settings):
-        if setting.name in groups:
-            group = parser.add_argument_group(groups[setting.name])
+        if setting.name in GROUPS:
+            group = parser.add_argument_group(GROUPS[setting.name])
         kind = setting.type
         if typing.get_origin(kind) is typing.Union:  # Optional[X] -> X
             kind = typing.get_args(kind)[0]
@@ -484,6 +493,10 @@ def check_model(pipe, args):
         raise InputError(f"--sampler {args.sampler}: {type(pipe).__name__} samples with "
                          + ("its flow-matching Euler: use --sampler euler" if flow
                             else "DDPM or DDIM (euler is for flow-matching models)"))
+    if args.pair_noise == "prior" and not flow:
+        raise InputError(f"--pair-noise prior: {type(pipe).__name__} is no flow-matching model "
+                         "(PNAPO keeps each image's starting noise on the straight path of a "
+                         "rectified flow; DDPM's sampling path is not straight)")
     targets = lora_modules(denoiser(pipe))
     if args.lora_rank and not any(name == target or name.endswith("." + target)  # peft's rule
                                   for name, _ in denoiser(pipe).named_modules() for target in targets):
@@ -544,6 +557,14 @@ def save_grid(images, seeds, path, tile=64):
     prompts = images.shape[0] // seeds
     grid = images.view(prompts, seeds, 3, tile, tile).permute(2, 1, 3, 0, 4)     # (3, S, t, P, t)
     save_image(grid.reshape(3, seeds * tile, prompts * tile), path)
+
+
+def starting_noise(pipe, shape, generators):
+    """The noise each image's sampling started from, (B, C, h, w) float32, drawn again from
+    generators seeded as the pipeline's were, as its prepare_latents draws it (diffusers'
+    randn_tensor, in the text embeddings' dtype; FLUX packs the same draw into tokens)."""
+    return diffusers.utils.torch_utils.randn_tensor(
+        shape, generator=generators, device=pipe.device, dtype=pipe.text_encoder.dtype).float()
 
 
 def schedule_on(scheduler, device):
@@ -750,6 +771,15 @@ def restore_adapters(unet, args, out, stages):
 # =================================================================================================
 # The run folder and its processes (the three rules above)
 # =================================================================================================
+
+def run_folder(args, world):
+    """--resume or --out, or runs/<world>-<time>: in every process process 0's (the time differs)."""
+    name = [args.resume or args.out
+            or f"runs/{'tiny' if args.tiny else 'sd'}-{time.strftime('%Y%m%d-%H%M%S')}"]
+    if world > 1:
+        torch.distributed.broadcast_object_list(name, src=0)
+    return name[0]
+
 
 def seeded(seed, *keys):
     """The generator of one unit of work, e.g. seeded(0, "iter_1", "candidate", 17, 3): no draw
@@ -1054,7 +1084,8 @@ def write_config(args, run):
     run.write_json(run.out / "config.json", config)
 
 
-FILES = ("chosen", "rejected", "chosen_latents", "rejected_latents")  # a pair's file keys
+FILES = ("chosen", "rejected", "chosen_latents", "rejected_latents",  # a pair's file keys
+         "chosen_noise", "rejected_noise")
 
 
 def pair_paths(pair, change):

@@ -29,14 +29,12 @@ Equation map (numbers as in SPEC.md; each appears again beside the line that com
     mixup    ranked preference mixup, ratio alpha                            ranked_mixup
 
 Run it: `python sail.py --iters 2` aligns SD 1.5 on a GPU, or runs the embedded tiny world without
-one (2 CPU cores: about 45 s); --model takes any SD, SDXL, SD3 or FLUX folder or hub id; --resume
-continues a stopped run; --lora-rank 8 trains adapters; torchrun splits the work over GPUs; --help
-lists every setting with its paper value (README: every command).
+one (2 CPU cores: about 45 s); --model takes SD, SDXL, SD3 or FLUX; --resume, --lora-rank 8,
+torchrun; --help lists every setting with its paper value (README: every command).
 
 Layout and budget (keep both): settings; PART 1, the algorithm in run order (sections 1-6), in
 the file's first half; PART 2, plumbing it calls (7-12). At most 1,000 lines, no function over 60.
-Beside it: tiny_world.py (the offline world); plumbing.py (command line, files, loading, precision,
-LoRA, run folder, resume, torchrun, Ctrl-C).
+Beside it: tiny_world.py, the offline world; plumbing.py, what a reader of SAIL never needs.
 """
 
 import os
@@ -68,9 +66,10 @@ from plumbing import (InputError, Interrupted, LORA_LR, Rounds, Run, TrainingDiv
                       check_settings, default_job, default_precision, denoiser, explain_the_mix,
                       flag_parser, frozen_copy, judging, last_loss_scale, latent_shape_of,
                       load_image, load_pipeline, make_optimizer, map_cond, pair_paths, parse_flags,
-                      pipeline_class, read_data, refuse_changes, restore_model, save_grid,
-                      save_image, save_model, save_pairs_json, saved_model, saved_settings,
-                      schedule_on, seeded, set_sampler, setup_processes, write_config)
+                      pipeline_class, read_data, refuse_changes, restore_model, run_folder,
+                      save_grid, save_image, save_model, save_pairs_json, saved_model,
+                      saved_settings, schedule_on, seeded, set_sampler, setup_processes,
+                      starting_noise, write_config)
 
 
 # =================================================================================================
@@ -134,6 +133,9 @@ class Args:
                 "official: constant_with_warmup, 500 steps for SD 1.5, 200 for SDXL)"})
     cfg_dropout: float = field(default=0.2, metadata={
         "help": "fraction of training prompts replaced by '' so CFG keeps working (Diffusion-DPO: 0.2)"})
+    pair_noise: Literal["fresh", "prior"] = field(default="fresh", metadata={
+        "help": "flow models: a self-labelled pair's eps in Eq. DPO, fresh and shared (Diffusion-DPO) "
+                "or each image's own starting noise (PNAPO, Lu et al. 2026; see training_noise)"})
     # --- sampling candidates
     resolution: int = field(default=512, metadata={"help": "image size in pixels (SD 1.5: 512)"})
     sampler: Literal["ddpm", "ddim", "euler"] = field(default="ddpm", metadata={
@@ -348,13 +350,14 @@ def judge_candidates(pipe, judge_ref, prompts, indices, args, stage):
 
     `indices` number the prompts within the whole prompt file: candidate c of prompt j always
     comes from the generator (stage, j, c), however prompts are batched or split over processes.
-    Returns, per prompt, None on a tie or (latents (2, C, h, w) and images (2, 3, H, W), chosen
-    then rejected, r_w, r_l, p). The latents are exactly what Eq. 8 judged: DPO trains on them.
+    Returns, per prompt, None on a tie or (latents (2, C, h, w), images (2, 3, H, W), r_w, r_l, p,
+    starting noises (2, C, h, w)), chosen first: the latents Eq. 8 judged, which DPO trains on.
     """
     n = args.n_candidates
     scheduler = training_schedule(pipe)
-    generators = [seeded(args.seed, stage, "candidate", j, c) for j in indices for c in range(n)]
-    latents = generate(pipe, prompts, n, args, generators)                # (P*N, C, h, w)
+    keys = [(args.seed, stage, "candidate", j, c) for j in indices for c in range(n)]
+    latents = generate(pipe, prompts, n, args, [seeded(*key) for key in keys])  # (P*N, C, h, w)
+    noises = starting_noise(pipe, latents.shape, [seeded(*key) for key in keys])  # as it drew them
     cond = encode_text(pipe, prompts, args)                               # (P, L, D)
     found = []
     for p, j in enumerate(indices):
@@ -373,7 +376,8 @@ def judge_candidates(pipe, judge_ref, prompts, indices, args, stage):
         pair = candidates[list(chosen)]                                   # (2, C, h, w)
         images = decode_latents(pipe.vae, pair).cpu()                     # (2, 3, H, W), to look at
         found.append((pair.cpu(), images, r_w.item(), r_l.item(),
-                      preference_probability(r_w, r_l).item()))           # Eq. 9
+                      preference_probability(r_w, r_l).item(),            # Eq. 9
+                      noises[p * n:(p + 1) * n][list(chosen)].cpu()))     # (2, C, h, w)
     return found
 
 
@@ -424,9 +428,9 @@ def dpo_step_data(pairs, step, args, stage, latent_shape, scheduler):
 
 
 def dpo_micro_batch(model, ref_unet, scheduler, x0, t, noise, cond, beta):
-    """Eq. DPO on one micro-batch of b pairs, x0 = its b winners then its b losers (each pair's
-    winner and loser share t and eps) -> (loss, (b,) logits, (2b,) err_theta, err_ref)."""
-    shared = (noise.repeat(2, 1, 1, 1), t.repeat(2))               # (2b, C, h, w), (2b,)
+    """Eq. DPO on one micro-batch of b pairs, x0 and noise its b winners' then b losers' (a pair
+    shares t; eps too, see training_noise) -> (loss, (b,) logits, (2b,) err_theta, err_ref)."""
+    shared = (noise, t.repeat(2))                                   # (2b, C, h, w), (2b,)
     cond = map_cond(lambda v: torch.cat([v, v]), cond)              # (2b, L, D)
     err_theta = denoising_error(model, scheduler, x0, *shared, cond)                 # (2b,)
     with torch.no_grad():
@@ -476,9 +480,8 @@ def sail(args, pipe, data, run):
         new_prompts = prompts[first:i * per_iter]  # fresh, disjoint from earlier iterations'
         self_pairs, ties, extra = [], 0, {}
         if args.pairs != "none":  # "none": the iterative seed-only DPO control, seed pairs only
-            self_pairs, ties = self_label(pipe, judge_ref.to(pipe.device), new_prompts, first,
-                                          args, run, stage)
-            self_pairs, extra = tiny_world_controls(self_pairs, args)
+            self_pairs, ties, extra = self_label(pipe, judge_ref.to(pipe.device), new_prompts,
+                                                 first, args, run, stage)
         judge_ref.to("cpu")
         save_pairs_json(run, stage, self_pairs)
         mixed = (ranked_mixup(self_pairs, seed_pairs, args.mix_alpha,
@@ -602,6 +605,19 @@ def training_latents(pipe, batch, posterior_noise, resolution):
     return x0.flatten(0, 1)                                                         # (2b, C, h, w)
 
 
+def training_noise(batch, noise):
+    """eps of a micro-batch's winners then losers: (2b, C, h, w). Diffusion-DPO: a pair's winner and
+    loser share the step's fresh `noise` (b, C, h, w). --pair-noise prior (PNAPO, Lu et al. 2026;
+    flow models): a self-labelled pair's images keep the noise they were sampled from, so Eq. RF's
+    x_t = (1 - sigma) x_0 + sigma eps_prior lies near the nearly straight path the sampler took."""
+    eps = noise.repeat(2, 1, 1, 1)                                                  # (2b, C, h, w)
+    for i, pair in enumerate(batch):
+        for side, key in enumerate(("chosen", "rejected")):
+            if f"{key}_noise" in pair:  # human seed pairs have none: fresh, shared
+                eps[side * len(batch) + i] = torch.load(pair[f"{key}_noise"], weights_only=True)
+    return eps
+
+
 # =================================================================================================
 # 9. The training loop (sections 1 and 5 are its equations) and each round's references
 # =================================================================================================
@@ -627,7 +643,8 @@ def accumulate_gradients(model, ref_unet, pipe, scheduler, data, args, run, scal
         with (contextlib.nullcontext() if last or run.world == 1 else model.no_sync()):
             with autocast(pipe.device, args.precision):
                 loss, inside, err_theta, err_ref = dpo_micro_batch(
-                    model, ref_unet, scheduler, x0, t[part], noise[part], cond, args.beta)
+                    model, ref_unet, scheduler, x0, t[part],
+                    training_noise(batch[part], noise[part]), cond, args.beta)
             scaler.scale(loss / len(mine)).backward()
         # TRL's names: rewards/chosen = -(beta/2)(err_theta_w - err_ref_w), one draw of Eq. 8
         r_w, r_l = (-(args.beta / 2) * (err_theta - err_ref)).chunk(2)
@@ -743,9 +760,9 @@ def diffusion_dpo(pipe, ref_unet, pairs, args, stage, run, loss_scale=2.0 ** 16)
 # =================================================================================================
 
 def self_label(pipe, judge_ref, prompts, first_index, args, run, stage):
-    """(self-labelled pairs with rewards and confidence, ties): judge_candidates over every prompt
-    in rounds of `per_call` prompts per process; process 0 saves the pairs and the progress
-    (labelling.json) after each round, so a killed run resumes from the last round."""
+    """(self-labelled pairs with rewards and confidence, ties, tiny-world controls): judge_candidates
+    over every prompt in rounds of `per_call` prompts per process; process 0 saves the pairs and
+    the progress (labelling.json) after each round, so a killed run resumes from the last round."""
     folder = run.out / stage
     (folder / "pairs").mkdir(parents=True, exist_ok=True)
     progress_file = folder / "labelling.json"
@@ -763,14 +780,18 @@ def self_label(pipe, judge_ref, prompts, first_index, args, run, stage):
             if result is None:
                 progress["ties"] += 1
                 continue
-            latents, images, r_w, r_l, confidence = result
+            latents, images, r_w, r_l, confidence, noises = result
             pair = {"prompt": prompt}
-            for key, latent, image in zip(("chosen", "rejected"), latents, images):
+            for key, latent, image, noise in zip(("chosen", "rejected"), latents, images, noises):
                 name = f"pairs/{len(progress['pairs']):05d}_{key}"
                 pair.update({key: name + ".png", f"{key}_latents": name + ".pt"})
+                if args.pair_noise == "prior":  # PNAPO's sextuple: each image with its noise
+                    pair[f"{key}_noise"] = name + "_noise.pt"
                 if run.main:  # the PNG is for people; the latents (C, h, w) are what trains
                     save_image(image, folder / pair[key])
-                    torch.save(latent.clone(), folder / pair[f"{key}_latents"])
+                    for file, tensor in ((f"{key}_latents", latent), (f"{key}_noise", noise)):
+                        if file in pair:
+                            torch.save(tensor.clone(), folder / pair[file])
             progress["pairs"].append({**pair, "reward_chosen": r_w, "reward_rejected": r_l,
                                       "confidence": confidence})
         progress["prompts_done"] = done
@@ -781,16 +802,9 @@ def self_label(pipe, judge_ref, prompts, first_index, args, run, stage):
     bar.close()
     run.barrier()  # the pairs' latents are on disk before any process trains on them
     pairs = [pair_paths(pair, lambda name: str(folder / name)) for pair in progress["pairs"]]
-    return pairs, progress["ties"]
-
-
-def tiny_world_controls(self_pairs, args):
-    """Tiny world only, hidden from SAIL: does the annotator agree with the self-labels? And the
-    all-labels control (--oracle-labels): the annotator orders each pair instead."""
-    if not args.tiny or not self_pairs:
-        return self_pairs, {}
-    agreement = {"self_label_acc": tiny_world.annotator_agrees(self_pairs).float().mean().item()}
-    return (tiny_world.annotator_relabel(self_pairs) if args.oracle_labels else self_pairs), agreement
+    pairs, extra = (tiny_world.controls(pairs, args.oracle_labels) if args.tiny  # hidden from
+                    else (pairs, {}))  # SAIL: the annotator's agreement with it, --oracle-labels
+    return pairs, progress["ties"], extra
 
 
 # =================================================================================================
@@ -889,18 +903,11 @@ PRESETS = {"StableDiffusionPipeline": {}, "StableDiffusionXLPipeline": SDXL_PRES
            "StableDiffusion3Pipeline": SD3_PRESET, "FluxPipeline": FLUX_PRESET}
 
 
-GROUPS = {"model": "what to align, and where to write", "iters": "SAIL (SPEC section 3)",
-          "effective_batch": "Diffusion-DPO training", "resolution": "sampling candidates",
-          "oracle_labels": "a control of the tiny world",
-          "resume": "a long job: resume, memory (none of these changes the algorithm)",
-          "lora_rank": "LoRA: less memory, the same algorithm"}
-
-
 def parse_args(argv, world=1):
     """Parse the command line: the world (tiny, SD, SDXL, or the resumed run) decides the defaults
     that flags override and --help shows; then the derived values, then the checks."""
     names = list(Args.__dataclass_fields__)
-    first = parse_flags(flag_parser(Args, GROUPS, {}, ""), [a for a in argv if a not in ("-h", "--help")])
+    first = parse_flags(flag_parser(Args, {}, ""), [a for a in argv if a not in ("-h", "--help")])
     explicit_model = any(a == "--model" or a.startswith("--model=") for a in argv)
     if first["resume"]:  # a resumed run takes every setting from its config.json
         defaults, shown = absolute_paths(saved_settings(first["resume"], names)), "the resumed run"
@@ -911,7 +918,7 @@ def parse_args(argv, world=1):
     if first["lora_rank"] and not first["resume"]:  # adapters start at 0: another lr
         defaults = {**defaults, "lr": LORA_LR["tiny" if defaults.get("tiny") else "real"]}
     description = f"{__doc__.splitlines()[0]} Defaults shown: {shown}."
-    args = Args(**parse_flags(flag_parser(Args, GROUPS, defaults, description), argv))
+    args = Args(**parse_flags(flag_parser(Args, defaults, description), argv))
     if args.resume:
         refuse_changes(args, defaults)  # flags given again must agree with config.json
         args.out = args.resume
@@ -934,11 +941,7 @@ def start_run(argv, rank, world, device, say):
     else:
         say(f"sail: {args.model} on {device}{default_job(args)}")
     data = read_data(args, world)
-    name = [args.resume or args.out
-            or f"runs/{'tiny' if args.tiny else 'sd'}-{time.strftime('%Y%m%d-%H%M%S')}"]
-    if world > 1:  # the default name holds a time: every process takes process 0's
-        torch.distributed.broadcast_object_list(name, src=0)
-    run = Run(name[0], args, rank, world, device)
+    run = Run(run_folder(args, world), args, rank, world, device)
     if not args.resume:
         check_new_folder(run.out)
     pipe = load_pipeline(base_model(args, run), device)

@@ -244,6 +244,15 @@ def annotator_agrees(pairs):
     return current.annotator(chosen, prompts) > current.annotator(rejected, prompts)
 
 
+def controls(self_pairs, oracle_labels):
+    """Hidden from SAIL: does the annotator agree with the self-labels? And the all-labels
+    control (--oracle-labels): the annotator orders each pair instead. -> (pairs, metrics)"""
+    if not self_pairs:
+        return self_pairs, {}
+    agreement = {"self_label_acc": annotator_agrees(self_pairs).float().mean().item()}
+    return (annotator_relabel(self_pairs) if oracle_labels else self_pairs), agreement
+
+
 def annotator_relabel(pairs):
     """The all-labels control: the same pairs, ordered by the hidden annotator instead of Eq. 8.
 
@@ -251,7 +260,7 @@ def annotator_relabel(pairs):
     """
     def flipped(pair):
         swapped = dict(pair)
-        for end in ("", "_latents"):  # each image keeps its latents file
+        for end in ("", "_latents", "_noise"):  # each image keeps its latents and noise files
             if f"chosen{end}" in pair:
                 swapped[f"chosen{end}"] = pair[f"rejected{end}"]
                 swapped[f"rejected{end}"] = pair[f"chosen{end}"]

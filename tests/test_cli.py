@@ -5,6 +5,7 @@ import ast
 import pytest
 import torch
 
+import plumbing
 import sail
 from conftest import HERE
 
@@ -23,7 +24,7 @@ def test_help_shows_dashed_flags_switches_groups_and_the_defaults_of_the_world_t
     text = " ".join(out.split())
     assert "image size in pixels (SD 1.5: 512) (default: 16)" in text  # the tiny preset's value
     sections = [line for line in out.splitlines() if line and not line.startswith(" ")]
-    assert sections[-len(sail.GROUPS):] == [f"{title}:" for title in sail.GROUPS.values()]  # grouped as Args is
+    assert sections[-len(plumbing.GROUPS):] == [f"{title}:" for title in plumbing.GROUPS.values()]  # as Args
 
 
 def test_sail_py_keeps_its_layout_budget():

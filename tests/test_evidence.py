@@ -27,6 +27,12 @@ def test_annotator_relabel_orders_each_pair_by_the_hidden_annotator():
     assert [p["chosen"] for p in relabelled] == [p["chosen"] for p in pairs]
     assert relabelled[1]["reward_chosen"] == 1.0 and relabelled[1]["reward_rejected"] == 2.0
     assert relabelled[1]["confidence"] == pytest.approx(0.27) and relabelled[0] == judged[0]
+    # an image keeps its latents and its starting noise (--pair-noise prior) when a pair flips
+    files = [{**p, **{f"{k}_{kind}": f"{p[k]}.{kind}" for k in ("chosen", "rejected")
+                      for kind in ("latents", "noise")}} for p in swapped]
+    for pair in tiny_world.annotator_relabel(files):
+        assert all(pair[f"{k}_{kind}"] == f"{pair[k]}.{kind}" for k in ("chosen", "rejected")
+                   for kind in ("latents", "noise"))
 
 
 def test_oracle_labels_need_the_tiny_world(tmp_path, tiny_base, capsys):

@@ -2,6 +2,7 @@
 
 import copy
 import csv
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -330,3 +331,101 @@ def test_a_killed_flux_run_resumed_by_torchrun_computes_what_one_process_does(tm
     base = FluxTransformer2DModel.from_pretrained(folder / "transformer").state_dict()
     trained = max((one[k] - base[k]).abs().max() for k in one)
     assert max((one[k] - two[k]).abs().max() for k in one) < 0.1 * trained
+
+
+# -------------------------------------------------------------------------------------------------
+# --pair-noise prior (PNAPO): a self-labelled pair's images keep the noise they were sampled from
+# -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_starting_noise_is_the_noise_the_pipeline_sampled_from(family, tmp_path):
+    """Drawn again from generators seeded as the candidates' were, it is what the pipeline drew:
+    given back as its starting latents (FLUX: packed), the pipeline draws the same images."""
+    folder = tmp_path / family
+    build_tiny_flow(folder, family)
+    pipe = load_flow((family, folder))
+    settings = SimpleNamespace(resolution=16, guidance_scale=3.5, sample_steps=2, precision="fp32")
+    keys = [(0, "iter_1", "candidate", j, c) for j in range(2) for c in range(2)]
+    with torch.no_grad():
+        drawn = sail.generate(pipe, ["a red circle", "a blue square"], 2, settings,
+                              [sail.seeded(*key) for key in keys])                # (4, 4, 8, 8)
+        noise = plumbing.starting_noise(pipe, drawn.shape, [sail.seeded(*key) for key in keys])
+        given = FluxPipeline._pack_latents(noise, 4, 4, 8, 8) if family == "flux" else noise
+        again = pipe(["a red circle", "a blue square"], num_images_per_prompt=2, latents=given,
+                     num_inference_steps=2, height=16, width=16, guidance_scale=3.5,
+                     output_type="latent").images
+    if family == "flux":
+        again = FluxPipeline._unpack_latents(again, 16, 16, pipe.vae_scale_factor)
+    assert torch.equal(again, drawn) and not torch.equal(noise[0], noise[1])
+
+
+def dpo_step_noises(monkeypatch):
+    """Spies: per DPO step, (stage, its batch, the eps theta and ref were given)."""
+    events, real_data, real_error = [], sail.dpo_step_data, sail.denoising_error
+
+    def dpo_step_data(pairs, step, args, stage, *rest):
+        data = real_data(pairs, step, args, stage, *rest)
+        events.append([stage, data[0]])
+        return data
+
+    def denoising_error(unet, scheduler, x0, noise, t, cond):
+        if events and len(events[-1]) < 4:  # a step's two calls: theta, then ref (Eq. 8's follow)
+            events[-1].append(noise.clone())
+        return real_error(unet, scheduler, x0, noise, t, cond)
+    monkeypatch.setattr(sail, "dpo_step_data", dpo_step_data)
+    monkeypatch.setattr(sail, "denoising_error", denoising_error)
+    return events
+
+
+def test_pair_noise_prior_trains_each_self_labelled_image_on_its_starting_noise(tmp_path, capsys,
+                                                                               monkeypatch):
+    """A flow run with --pair-noise prior saves each pair's starting noises beside its latents
+    (the noise its candidate was sampled from); every DPO step noises a self-labelled pair's
+    winner and loser with their own (Eq. RF), a seed pair's both with the step's fresh noise;
+    without the flag, no noise is saved and every pair's winner and loser share it."""
+    folder = tmp_path / "sd3"
+    build_tiny_flow(folder, "sd3")
+    whole = ["--micro-batch", "4"]  # one micro-batch a step: one theta call, one ref call
+    events = dpo_step_noises(monkeypatch)
+    run_saved_model(folder, tmp_path / "run", capsys, "--pair-noise", "prior", *whole)
+    pairs = json.loads((tmp_path / "run" / "iter_1" / "pairs.json").read_text())
+    assert pairs and all(p["chosen_noise"].endswith("_chosen_noise.pt") for p in pairs)
+    # each image's noise is the one it was sampled from: iter_0's model, started from it, draws it
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    pipe = load_flow(("sd3", folder), transformer=SD3Transformer2DModel.from_pretrained(
+        tmp_path / "run" / "iter_0" / "transformer"))
+    for pair in pairs:
+        load = lambda key: torch.load(tmp_path / "run" / "iter_1" / pair[key], weights_only=True)
+        with torch.no_grad():
+            drawn = pipe(pair["prompt"], latents=torch.stack([load("chosen_noise"),
+                                                              load("rejected_noise")]),
+                         num_images_per_prompt=2, num_inference_steps=config["sample_steps"],
+                         guidance_scale=config["guidance_scale"], height=16, width=16,
+                         output_type="latent").images
+        torch.testing.assert_close(drawn, torch.stack([load("chosen_latents"),
+                                                       load("rejected_latents")]))
+    checked = 0
+    for stage, batch, theta, ref in events:
+        assert torch.equal(theta, ref)  # theta and ref are given the same eps
+        for i, pair in enumerate(batch):
+            winner, loser = theta[i], theta[len(batch) + i]
+            if "chosen_noise" in pair:
+                checked += 1
+                assert torch.equal(winner, torch.load(pair["chosen_noise"], weights_only=True))
+                assert torch.equal(loser, torch.load(pair["rejected_noise"], weights_only=True))
+            else:
+                assert torch.equal(winner, loser)  # Diffusion-DPO: a seed pair shares its eps
+    assert checked and {stage for stage, *_ in events} == {"iter_0", "iter_1"}
+    events.clear()
+    run_saved_model(folder, tmp_path / "fresh", capsys, *whole)
+    assert not any("chosen_noise" in p for p in json.loads(
+        (tmp_path / "fresh" / "iter_1" / "pairs.json").read_text()))
+    assert all(torch.equal(theta[:len(batch)], theta[len(batch):]) for _, batch, theta, _ in events)
+
+
+def test_pair_noise_prior_is_refused_for_a_ddpm_model(tiny_base, tmp_path, capsys):
+    assert sail.main(["--model", tiny_base, "--pair-noise", "prior", "--out", str(tmp_path / "o"),
+                      *TINY_DATA]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--pair-noise prior: StableDiffusionPipeline is no flow-matching model" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "o").exists()

@@ -343,7 +343,7 @@ def memory(device, pairs, resolution, out):
 # ------------------------------------------------------------------------------------------------
 # --gpu-figures: the README's GPU figures in one short session on one GPU
 # ------------------------------------------------------------------------------------------------
-# One process, at most 8 minutes with model construction, SD 1.5 and SDXL shapes with random
+# One process, at most 8 minutes with model construction, SD 1.5, SDXL and FLUX.1 shapes with random
 # weights (no downloads):
 #   part 1  a whole `sail.py --iters 1` per --precision, run in-process through sail.main with
 #           sail's stage functions wrapped to time them and record each one's peak memory;
@@ -351,8 +351,7 @@ def memory(device, pairs, resolution, out):
 #   part 3  Eq. 8's rounding spread at theta == ref per precision, against a real spread;
 #   part 4  an SDXL-shaped DPO step at 1024 px with the SDXL preset (Adafactor), then with LoRA
 #           (rank 8, the UNet's own weights in bf16, gradient checkpointing: docs/lora.md);
-#   part 5  (only when asked: --parts 5) a FLUX.1-shaped LoRA stage's peaks: a DPO step,
-#           generation, Eq. 8 (docs/lora.md: memory).
+#   part 5  a FLUX.1-shaped LoRA stage's peaks: a DPO step, generation, Eq. 8 (docs/lora.md).
 # Every row is printed and saved (results.csv, results.md) as it completes, so a run cut short
 # keeps what it measured; an out-of-memory error is a row, not the end of the run.
 
@@ -1261,7 +1260,7 @@ class Tee:
 
 
 def gpu_figures(device, out, options):
-    """The four parts in the order that keeps the costliest (fp32 generation) last."""
+    """The five parts in the order that keeps the costliest (fp32 generation) last."""
     sizes = dict(TOY_SIZES if options.toy else GPU_SIZES)
     for item in filter(None, (options.sizes or "").split(",")):
         key, _, value = item.partition("=")
@@ -1409,7 +1408,7 @@ def main(argv=None):
                              "minutes (parts 1-4, see the section's comment in bench.py)")
     parser.add_argument("--toy", action="store_true",
                         help="--gpu-figures only: toy sizes and tiny models (CPU, seconds)")
-    parser.add_argument("--parts", default="1,2,3,4", help="--gpu-figures only: which parts")
+    parser.add_argument("--parts", default="1,2,3,4,5", help="--gpu-figures only: which parts")
     parser.add_argument("--precisions", default="fp32,bf16,fp16",
                         help="--gpu-figures only: part 1's --precision values")
     parser.add_argument("--sizes", default="",

@@ -81,7 +81,9 @@ def test_gpu_figures_toy_writes_every_row_of_every_part(tmp_path):
     # the fp32 judge is the truth: no error against itself
     assert float(part3[0]["value"]) == 0 and float(part3[3]["value"]) == 0
     assert all("real spread" in r["note"] and "changed vs fp32" in r["note"] for r in part3)
-    # part 4: SDXL with and without gradient checkpointing, then LoRA (with peft)
+    # part 5: a FLUX-shaped LoRA stage (its own test below), then part 4: SDXL with and without
+    # gradient checkpointing, then LoRA (with peft)
+    assert len([r for r in rows if r["part"] == "5"]) == (3 if HAS_PEFT else 1)
     part4 = [r["measure"] for r in rows if r["part"] == "4" and r["per_second"]]
     assert len(part4) == 2 + HAS_PEFT and ("LoRA" in part4[-1]) == HAS_PEFT
     text = (out / "results.md").read_text()
@@ -114,8 +116,8 @@ def test_gpu_figures_records_out_of_memory_and_the_time_budget(tmp_path, monkeyp
 
 @pytest.mark.optional  # peft: LoRA
 def test_gpu_figures_toy_part_5_measures_a_flux_lora_stage(tmp_path):
-    """Part 5, asked for alone: a FLUX-shaped LoRA stage's DPO step, generation and Eq. 8, each
-    a row with its peak memory, and its table in results.md."""
+    """Part 5 alone: a FLUX-shaped LoRA stage's DPO step, generation and Eq. 8, each a row with
+    its peak memory, and its table in results.md."""
     import bench
     out = tmp_path / "flux"
     assert bench.main(["--gpu-figures", "--toy", "--parts", "5", "--out", str(out)]) == 0

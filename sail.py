@@ -150,6 +150,7 @@ class Args:
     oracle_labels: bool = field(default=False, metadata={
         "help": "tiny world: the hidden annotator re-labels each self-labelled pair ('all-labels DPO')"})
     tiny_world: str = field(default="shapes", metadata={"help": "shapes, offpolicy or taste (docs/evidence-2.md)"})
+    tiny_model: Literal["ddpm", "flow"] = field(default="ddpm", metadata={"help": "ddpm (tiny_base/) or flow (SD3-shaped)"})
     # --- a long job: resume, memory (plumbing; none of these changes the algorithm)
     resume: Optional[str] = field(default=None, metadata={
         "help": "continue the interrupted run in this folder where it stopped (its config.json "
@@ -907,7 +908,8 @@ def parse_args(argv, world=1):
     if first["resume"]:  # a resumed run takes every setting from its config.json
         defaults, shown = absolute_paths(saved_settings(first["resume"], names)), "the resumed run"
     elif first["tiny"] or not (explicit_model or torch.cuda.is_available()):
-        defaults, shown = {**TINY_PRESET, "tiny": True}, "the tiny world (--tiny, or no GPU found)"
+        defaults = {**TINY_PRESET, **tiny_world.PRESETS[first["tiny_model"]], "tiny": True}
+        shown = "the tiny world (--tiny, or no GPU found)"
     else:
         defaults, shown = PRESETS[pipeline_class(first["model"], PRESETS)], f"--model {first['model']}"
     if first["lora_rank"] and not first["resume"]:  # adapters start at 0: another lr

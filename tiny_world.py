@@ -74,9 +74,9 @@ FLOW_LR = 5e-3             # its pretraining's peak learning rate
 # The tiny world's two base models (sail.py --tiny-model): where each ships, and the settings a run
 # on it changes in sail.py's TINY_PRESET. The flow base samples with its own flow-matching Euler
 # (10 steps, CFG 4 as the DDPM base: its prompted colour and shape are right most often at 4);
-# lr: the search in docs/tiny-world.md.
+# lr: the search in results/flow-preset/.
 BASES = {"ddpm": BASE, "flow": FLOW_BASE}
-PRESETS = {"ddpm": {}, "flow": {"sampler": "euler", "lr": 3e-5}}
+PRESETS = {"ddpm": {}, "flow": {"sampler": "euler", "lr": 1e-4}}
 
 
 # =================================================================================================

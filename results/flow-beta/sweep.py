@@ -12,6 +12,7 @@ steps.csv (loss and implicit_acc per DPO step, mean over seeds) and the table in
 import argparse
 import csv
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -104,16 +105,27 @@ def fmt(row, name, digits=1):
     return "" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def logit_bound(row):
+    """-log sigma(x) <= ln 2 + max(0, -x), so a mean loss L at accuracy a needs the misordered
+    pairs' |logit| to average at least (L - ln 2) / (1 - a): far above 1, the sigmoid is saturated
+    (those pairs get the full weight, the well-ordered ones almost none)."""
+    loss, acc = row[f"loss last{LAST}"], row[f"implicit_acc last{LAST}"]
+    if loss is None or acc >= 1:
+        return ""
+    return f"{max(0.0, (loss - math.log(2)) / (1 - acc)):.1f}"
+
+
 def table(rows):
     lines = ["| β | stage | annotator | fidelity | judge_acc/heldout | self_label_acc | "
-             f"loss (last {LAST} steps) | implicit_acc (last {LAST}) | margin (last {LAST}) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"loss (last {LAST} steps) | implicit_acc (last {LAST}) | margin (last {LAST}) | "
+             "misordered pairs' mean logit, at least |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['beta']} | {row['stage']} | {fmt(row, 'annotator')} | "
                      f"{fmt(row, 'fidelity', 3)} | {fmt(row, 'judge_acc/heldout', 3)} | "
                      f"{fmt(row, 'self_label_acc', 3)} | {fmt(row, f'loss last{LAST}', 3)} | "
                      f"{fmt(row, f'implicit_acc last{LAST}', 3)} | "
-                     f"{fmt(row, f'rewards/margins last{LAST}', 2)} |")
+                     f"{fmt(row, f'rewards/margins last{LAST}', 2)} | {logit_bound(row)} |")
     return "\n".join(lines)
 
 

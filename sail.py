@@ -882,10 +882,10 @@ TINY_PRESET = dict(resolution=16, sampler="ddim", sample_steps=10, guidance_scal
 SDXL_PRESET = dict(iters=2, resolution=1024, sampler="ddim", sample_steps=20, guidance_scale=5.0,
                    optimizer="adafactor", warmup_steps=200)
 # SD3 / SD3.5 and FLUX.1 (beyond the paper): 28 flow-matching Euler steps at CFG 7 (SD3) or
-# guidance 3.5 (FLUX), the defaults of their diffusers pipelines, at their native 1024 px; the
-# rest as the paper's SDXL, the nearest size. FLUX.1-dev is guidance-distilled and samples without
-# CFG, so no empty prompts in training: nothing to keep alive. Nothing here ran on real weights.
-SD3_PRESET = {**SDXL_PRESET, "sampler": "euler", "sample_steps": 28, "guidance_scale": 7.0}
+# guidance 3.5 (FLUX), their diffusers pipelines' defaults, at native 1024 px; beta 300 (velocity
+# errors saturate the sigmoid at 5000: results/flow-beta/); the rest as the paper's SDXL. FLUX.1-dev
+# is guidance-distilled: no CFG, so no empty prompts in training. Nothing here ran on real weights.
+SD3_PRESET = {**SDXL_PRESET, "sampler": "euler", "sample_steps": 28, "guidance_scale": 7.0, "beta": 300.0}
 FLUX_PRESET = {**SD3_PRESET, "guidance_scale": 3.5, "cfg_dropout": 0.0}
 # The pipeline classes sail.py knows, each with its preset; see encode_text for how they differ.
 PRESETS = {"StableDiffusionPipeline": {}, "StableDiffusionXLPipeline": SDXL_PRESET,

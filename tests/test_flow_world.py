@@ -66,3 +66,10 @@ def test_flow_world_runs_end_to_end_from_a_copy_of_its_own_base(tmp_path, capsys
     pipe.set_progress_bar_config(disable=True)
     assert pipe("a red circle", num_inference_steps=2, height=16, width=16,
                 output_type="pt").images.shape == (1, 3, 16, 16)
+
+
+def test_sd3_and_flux_presets_take_the_beta_measured_for_velocity_errors():
+    """results/flow-beta/: at 5000 velocity errors saturate the sigmoid from the first step."""
+    for family in ("StableDiffusion3Pipeline", "FluxPipeline"):
+        assert sail.PRESETS[family]["beta"] == 300
+    assert "beta" not in sail.PRESETS["StableDiffusionXLPipeline"]  # SD, SDXL: the paper's 5000

@@ -37,10 +37,11 @@ def test_shipped_flow_base_is_an_sd3_shaped_rectified_flow_pipeline():
     assert (pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor) == (ddpm_vae["scaling_factor"], 0)
 
 
-def test_flow_preset_changes_only_the_sampler_and_lr_and_needs_the_tiny_world(tiny_base, capsys):
+def test_flow_preset_changes_only_the_sampler_beta_and_lr_and_needs_the_tiny_world(tiny_base, capsys):
     ddpm, flow = vars(sail.parse_args(["--tiny"])), vars(sail.parse_args(["--tiny", "--tiny-model", "flow"]))
-    assert {k for k in ddpm if ddpm[k] != flow[k]} <= {"tiny_model", "sampler", "lr"}
-    assert (flow["sampler"], flow["lr"]) == ("euler", tiny_world.PRESETS["flow"]["lr"])
+    assert {k for k in ddpm if ddpm[k] != flow[k]} <= {"tiny_model", "sampler", "beta", "lr"}
+    assert (flow["sampler"], flow["beta"], flow["lr"]) == ("euler", 300, tiny_world.PRESETS["flow"]["lr"])
+    assert sail.parse_args(["--tiny", "--tiny-model", "flow", "--beta", "5000"]).beta == 5000  # flags win
     assert sail.parse_args(["--tiny"]).tiny_model == "ddpm"  # the default world is unchanged
     assert sail.main(["--model", tiny_base, "--tiny-model", "flow", *TINY_DATA]) == 2
     assert "--tiny-model needs the tiny world" in capsys.readouterr().err

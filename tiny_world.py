@@ -6,6 +6,8 @@ A world small enough for 2 CPU cores in which alignment can be *seen*:
   brightness; prompts "a {colour} {shape}" (6 colours x 3 shapes = 18 prompts);
 - a Stable-Diffusion-shaped pipeline (CLIP tokenizer + text encoder, AutoencoderKL, UNet, DDPM
   scheduler) built from configs and pretrained on that world: the result ships in tiny_base/;
+  its rectified-flow twin (SD3-shaped, on the same autoencoder) in tiny_flow_base/, the base of
+  `sail.py --tiny-model flow`;
 - a simulated annotator, a fixed hand-written rule standing in for the human labellers: it prefers
   bright, large, centred paint of the prompted colour. It labelled the shipped seed pairs, and it
   scores samples after every stage so a student sees alignment as a number. SAIL never calls it:

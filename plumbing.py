@@ -164,6 +164,7 @@ def check_settings(args, world):
         (args.tiny or not args.oracle_labels, "--oracle-labels needs the tiny world's annotator"),
         (args.tiny_world in tiny_world.WORLDS, f"--tiny-world must be one of {', '.join(tiny_world.WORLDS)}"),
         (args.tiny or args.tiny_world == "shapes", "--tiny-world needs the tiny world (--tiny)"),
+        (args.tiny or args.tiny_model == "ddpm", "--tiny-model needs the tiny world (--tiny)"),
         (args.lora_rank >= 0, "--lora-rank must be >= 0 (0: full fine-tuning)"),
         (args.lora_alpha is None or args.lora_alpha > 0, "--lora-alpha must be > 0"),
         (args.lora_rank or not args.save_merged,
@@ -319,6 +320,17 @@ def pickapic_data(args, world):
     if world > 1:
         torch.distributed.barrier()
     return str(folder / "seed_pairs.json"), str(folder / "prompts.txt")
+
+
+def opening_line(args, argv, device):
+    """The run's first line: which world it is in, and why; a real model on the default data
+    also says what the job is."""
+    if args.tiny:
+        why = ("--tiny" if "--tiny" in argv else "--resume" if args.resume
+               else "no GPU found; pass --model to force a real model")
+        flow = ", an SD3-shaped rectified flow" if args.tiny_model == "flow" else ""
+        return f"sail: embedded tiny world ({why}): 16x16 shapes{flow}, simulated annotator, {device}"
+    return f"sail: {args.model} on {device}{default_job(args)}"
 
 
 def default_job(args):
@@ -601,7 +613,7 @@ def base_model(args, run):
     each run keeps a copy, which --resume uses)."""
     if not args.tiny:
         return args.model
-    return str(run.out / "tiny_base") if args.resume else str(tiny_world.BASE)
+    return str(run.out / "tiny_base") if args.resume else str(tiny_world.BASES[args.tiny_model])
 
 
 # =================================================================================================
@@ -1077,7 +1089,8 @@ def write_config(args, run):
     """A new run's folder: config.json (what --resume reads) and, tiny world, its base model."""
     run.out.mkdir(parents=True, exist_ok=True)
     if args.tiny:
-        shutil.copytree(tiny_world.BASE, run.out / "tiny_base")  # the run folder is self-contained
+        # the run folder is self-contained: its base (--tiny-model's) is always run/tiny_base
+        shutil.copytree(tiny_world.BASES[args.tiny_model], run.out / "tiny_base")
     config = {**dataclasses.asdict(args), "model_path": str(run.out / "tiny_base") if args.tiny else args.model,
               "device": str(run.device), "processes": run.world, "torch": torch.__version__,
               "diffusers": diffusers.__version__, "transformers": transformers.__version__}

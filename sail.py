@@ -63,11 +63,11 @@ import tiny_world
 from plumbing import (InputError, Interrupted, LORA_LR, Rounds, Run, TrainingDiverged,
                       absolute_paths, autocast, base_model, base_references, begin_lora_round,
                       cast_frozen_models, check_disk_space, check_model, check_new_folder,
-                      check_settings, default_job, default_precision, denoiser, explain_the_mix,
-                      flag_parser, frozen_copy, judging, last_loss_scale, latent_shape_of,
-                      load_image, load_pipeline, make_optimizer, map_cond, pair_paths, parse_flags,
-                      pipeline_class, read_data, refuse_changes, restore_model, run_folder,
-                      save_grid, save_image, save_model, save_pairs_json, saved_model,
+                      check_settings, default_precision, denoiser, explain_the_mix, flag_parser,
+                      frozen_copy, judging, last_loss_scale, latent_shape_of, load_image,
+                      load_pipeline, make_optimizer, map_cond, opening_line, pair_paths,
+                      parse_flags, pipeline_class, read_data, refuse_changes, restore_model,
+                      run_folder, save_grid, save_image, save_model, save_pairs_json, saved_model,
                       saved_settings, schedule_on, seeded, set_sampler, setup_processes,
                       starting_noise, write_config)
 
@@ -152,6 +152,8 @@ class Args:
     oracle_labels: bool = field(default=False, metadata={
         "help": "tiny world: the hidden annotator re-labels each self-labelled pair ('all-labels DPO')"})
     tiny_world: str = field(default="shapes", metadata={"help": "shapes, offpolicy or taste (docs/evidence-2.md)"})
+    tiny_model: Literal["ddpm", "flow"] = field(default="ddpm", metadata={
+        "help": "tiny world: ddpm (tiny_base/) or flow, an SD3-shaped rectified flow (tiny_flow_base/)"})
     # --- a long job: resume, memory (plumbing; none of these changes the algorithm)
     resume: Optional[str] = field(default=None, metadata={
         "help": "continue the interrupted run in this folder where it stopped (its config.json "
@@ -893,10 +895,10 @@ TINY_PRESET = dict(resolution=16, sampler="ddim", sample_steps=10, guidance_scal
 SDXL_PRESET = dict(iters=2, resolution=1024, sampler="ddim", sample_steps=20, guidance_scale=5.0,
                    optimizer="adafactor", warmup_steps=200)
 # SD3 / SD3.5 and FLUX.1 (beyond the paper): 28 flow-matching Euler steps at CFG 7 (SD3) or
-# guidance 3.5 (FLUX), the defaults of their diffusers pipelines, at their native 1024 px; the
-# rest as the paper's SDXL, the nearest size. FLUX.1-dev is guidance-distilled and samples without
-# CFG, so no empty prompts in training: nothing to keep alive. Nothing here ran on real weights.
-SD3_PRESET = {**SDXL_PRESET, "sampler": "euler", "sample_steps": 28, "guidance_scale": 7.0}
+# guidance 3.5 (FLUX), their diffusers pipelines' defaults, at native 1024 px; beta 300 (velocity
+# errors saturate the sigmoid at 5000: results/flow-beta/); the rest as the paper's SDXL. FLUX.1-dev
+# is guidance-distilled: no CFG, so no empty prompts in training. Nothing here ran on real weights.
+SD3_PRESET = {**SDXL_PRESET, "sampler": "euler", "sample_steps": 28, "guidance_scale": 7.0, "beta": 300.0}
 FLUX_PRESET = {**SD3_PRESET, "guidance_scale": 3.5, "cfg_dropout": 0.0}
 # The pipeline classes sail.py knows, each with its preset; see encode_text for how they differ.
 PRESETS = {"StableDiffusionPipeline": {}, "StableDiffusionXLPipeline": SDXL_PRESET,
@@ -912,7 +914,8 @@ def parse_args(argv, world=1):
     if first["resume"]:  # a resumed run takes every setting from its config.json
         defaults, shown = absolute_paths(saved_settings(first["resume"], names)), "the resumed run"
     elif first["tiny"] or not (explicit_model or torch.cuda.is_available()):
-        defaults, shown = {**TINY_PRESET, "tiny": True}, "the tiny world (--tiny, or no GPU found)"
+        defaults = {**TINY_PRESET, **tiny_world.PRESETS[first["tiny_model"]], "tiny": True}
+        shown = "the tiny world (--tiny, or no GPU found)"
     else:
         defaults, shown = PRESETS[pipeline_class(first["model"], PRESETS)], f"--model {first['model']}"
     if first["lora_rank"] and not first["resume"]:  # adapters start at 0: another lr
@@ -933,13 +936,7 @@ def parse_args(argv, world=1):
 def start_run(argv, rank, world, device, say):
     """Every check that can fail on user input, before anything is written -> (data, run, pipe)."""
     args = parse_args(argv, world)
-    # The first line says which world this run is in, and why.
-    if args.tiny:
-        why = ("--tiny" if "--tiny" in argv else "--resume" if args.resume
-               else "no GPU found; pass --model to force a real model")
-        say(f"sail: embedded tiny world ({why}): 16x16 shapes, simulated annotator, {device}")
-    else:
-        say(f"sail: {args.model} on {device}{default_job(args)}")
+    say(opening_line(args, argv, device))  # which world this run is in, and why
     data = read_data(args, world)
     run = Run(run_folder(args, world), args, rank, world, device)
     if not args.resume:

@@ -6,6 +6,8 @@ A world small enough for 2 CPU cores in which alignment can be *seen*:
   brightness; prompts "a {colour} {shape}" (6 colours x 3 shapes = 18 prompts);
 - a Stable-Diffusion-shaped pipeline (CLIP tokenizer + text encoder, AutoencoderKL, UNet, DDPM
   scheduler) built from configs and pretrained on that world: the result ships in tiny_base/;
+  its rectified-flow twin (SD3-shaped, on the same autoencoder) in tiny_flow_base/, the base of
+  `sail.py --tiny-model flow`;
 - a simulated annotator, a fixed hand-written rule standing in for the human labellers: it prefers
   bright, large, centred paint of the prompted colour. It labelled the shipped seed pairs, and it
   scores samples after every stage so a student sees alignment as a number. SAIL never calls it:
@@ -18,6 +20,7 @@ base never draws) and "taste" (the annotator's taste depends on the prompt); `sa
 picks one.
 
     python tiny_world.py pretrain     # rebuild the tiny base; says if it is bit-identical to tiny_base/
+    python tiny_world.py pretrain --model flow   # the same for the rectified-flow tiny_flow_base/
     python tiny_world.py seed-pairs   # rebuild the seed and held-out pairs; says the same of them
     python tiny_world.py seed-pairs --world taste   # a variant world's pairs (worlds/taste/)
 """
@@ -43,14 +46,17 @@ from tqdm import tqdm
 
 import diffusers
 import transformers
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler,
+                       SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline,
+                       UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 diffusers.utils.logging.disable_progress_bar()
 transformers.utils.logging.disable_progress_bar()
 
 HERE = Path(__file__).resolve().parent
 BASE = HERE / "tiny_base"  # the pretrained base, shipped: `python tiny_world.py pretrain` wrote it
+FLOW_BASE = HERE / "tiny_flow_base"  # its rectified-flow twin: `pretrain --model flow` wrote it
 SEED_PAIRS, HELDOUT_PAIRS, PROMPTS_FILE = (HERE / "seed_pairs.json", HERE / "heldout_pairs.json",
                                            HERE / "prompts.txt")
 
@@ -64,6 +70,16 @@ SIZE = 16                # pixels; the autoencoder halves it: latents are (4, 8,
 N_SEED_PAIRS = 64        # pairs in the shipped seed_pairs.json
 N_HELDOUT_PAIRS = 32     # in heldout_pairs.json: judged after every stage (~1 s each, 2 cores)
 PRETRAIN_STEPS = 1200    # of the shipped base
+FLOW_PRETRAIN_STEPS = 1200  # of the shipped flow base
+FLOW_LR = 5e-3             # its pretraining's peak learning rate
+
+# The tiny world's two base models (sail.py --tiny-model): where each ships, and the settings a run
+# on it changes in sail.py's TINY_PRESET. The flow base samples with its own flow-matching Euler
+# (10 steps, CFG 4 as the DDPM base: its prompted colour and shape are right most often at 4);
+# beta 300, as SD3's and FLUX's presets (5000 saturates the sigmoid on velocity errors:
+# results/flow-beta/); lr: searched at that beta on seed 100 (results/flow-preset/).
+BASES = {"ddpm": BASE, "flow": FLOW_BASE}
+PRESETS = {"ddpm": {}, "flow": {"sampler": "euler", "beta": 300.0, "lr": 3e-5}}
 
 
 # =================================================================================================
@@ -327,6 +343,33 @@ def build_pipeline(folder):
                                    feature_extractor=None, requires_safety_checker=False)
 
 
+def build_flow_pipeline(folder, vae_folder=BASE / "vae"):
+    """An untrained SD3-shaped rectified-flow pipeline (about 0.6M parameters) around the DDPM
+    base's pretrained autoencoder (loaded, not retrained: the same latent space, so the same world
+    for the annotator). Two CLIP text encoders with projections as SD3's (no T5: SD3 without T5
+    pads with zeros), a joint-attention transformer on 1x1 latent patches, flow-matching Euler.
+    Random weights from torch's global RNG; the tokenizer's files go to `folder`."""
+    words = tokenizer(folder)
+    clips = [CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=8, projection_dim=32,
+        bos_token_id=words.bos_token_id, eos_token_id=words.eos_token_id,
+        pad_token_id=words.pad_token_id)) for _ in range(2)]
+    transformer = SD3Transformer2DModel(  # text: both CLIPs' 32-wide states side by side (64)
+        sample_size=SIZE // 2, patch_size=1, in_channels=4, out_channels=4, num_layers=2,
+        attention_head_dim=16, num_attention_heads=2, caption_projection_dim=32,
+        joint_attention_dim=64, pooled_projection_dim=64, pos_embed_max_size=SIZE // 2)
+    vae = AutoencoderKL.from_pretrained(vae_folder)
+    vae.register_to_config(shift_factor=0.0)  # SD3's pipeline adds it when decoding
+    # shift 1: SD3's shift of 3 moves training and sampling towards noise for 1024 px images, whose
+    # many pixels keep the picture recognisable at more noise (Esser et al. 2024, section 5.3.2:
+    # the shift grows with resolution, 1 at their smallest); our latents have 64 positions
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae,
+                                    text_encoder=clips[0], tokenizer=words, text_encoder_2=clips[1],
+                                    tokenizer_2=words, text_encoder_3=None, tokenizer_3=None)
+
+
 def world_batch(size, generator):
     """`size` random prompts of the world and an image of each, in [-1, 1]: (size, 3, 16, 16)."""
     prompts = [PROMPTS[i] for i in torch.randint(len(PROMPTS), (size,), generator=generator)]
@@ -388,6 +431,55 @@ def pretrain_denoiser(pipe, steps, generator):
         schedule.step()
     pipe.unet.eval().requires_grad_(False)
     pipe.text_encoder.eval().requires_grad_(False)
+
+
+def pretrain_flow(pipe, steps, generator, lr=FLOW_LR):
+    """Text encoders + transformer, rectified flow as SD3 trains: x_t = (1 - sigma) x_0 + sigma eps,
+    the loss ||(eps - x_0) - v(x_t, sigma, y)||^2 with sigma from a logit-normal(0, 1) draw of the
+    scheduler's table (Esser et al. 2024); 15% empty prompts, AdamW, warm-up + cosine, clip 1, as
+    pretrain_denoiser."""
+    params = [*pipe.transformer.parameters(), *pipe.text_encoder.parameters(),
+              *pipe.text_encoder_2.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    schedule = cosine_schedule(optimizer, steps, warmup=30)
+    for part in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
+        part.train()
+    vae, table = pipe.vae, pipe.scheduler
+    for _ in tqdm(range(steps), desc="tiny world: pretrain flow base", leave=False):
+        prompts, images = world_batch(32, generator)
+        prompts = ["" if torch.rand(1, generator=generator) < 0.15 else p for p in prompts]
+        posterior_noise = torch.randn(32, 4, 8, 8)  # global RNG, seeded in pretrain()
+        with torch.no_grad():
+            posterior = vae.encode(images).latent_dist
+            x0 = (posterior.mean + posterior.std * posterior_noise - vae.config.shift_factor) \
+                * vae.config.scaling_factor                                          # (32, 4, 8, 8)
+        text, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device="cpu",
+                                                do_classifier_free_guidance=False)
+        noise = torch.randn(x0.shape, generator=generator)
+        u = torch.sigmoid(torch.randn(32, generator=generator))                     # logit-normal
+        t = (u * table.config.num_train_timesteps).long().clamp(max=table.config.num_train_timesteps - 1)
+        sigma = table.sigmas[t].view(-1, 1, 1, 1)                                   # (32, 1, 1, 1)
+        x_t = (1 - sigma) * x0 + sigma * noise                                      # (32, 4, 8, 8)
+        prediction = pipe.transformer(x_t, timestep=table.timesteps[t], encoder_hidden_states=text,
+                                      pooled_projections=pooled).sample
+        loss = ((prediction - (noise - x0)) ** 2).mean(dim=(1, 2, 3)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+    for part in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
+        part.eval().requires_grad_(False)
+
+
+def pretrain_flow_base(out, steps=FLOW_PRETRAIN_STEPS, seed=0):
+    """Teach a fresh SD3-shaped pipeline the world on the shipped base's autoencoder; save to `out`."""
+    torch.manual_seed(seed)  # the configs' random initialisation, then the posteriors' samples
+    generator = torch.Generator().manual_seed(seed)  # the world's images, prompts, t and noise
+    with tempfile.TemporaryDirectory() as scratch:
+        pipe = build_flow_pipeline(scratch)
+        pretrain_flow(pipe, steps, generator)
+        pipe.save_pretrained(out)
 
 
 def pretrain(out, steps=PRETRAIN_STEPS, seed=0):
@@ -475,12 +567,16 @@ def main(argv=None):
                                      allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("pretrain", help="pretrain the tiny base (about 3 min on 2 CPU "
-                               "cores) and compare it with the shipped tiny_base/")
-    make.add_argument("--out", default="tiny_base-rebuilt",
+                               "cores) and compare it with the shipped tiny_base/ (or --model flow)")
+    make.add_argument("--model", choices=("ddpm", "flow"), default="ddpm", help="ddpm: the SD-shaped "
+                      "tiny_base/; flow: the SD3-shaped rectified-flow tiny_flow_base/ (about 3 min "
+                      "on 1 core; it reuses tiny_base/'s autoencoder) (default: %(default)s)")
+    make.add_argument("--out", default=None,
                       help="folder to write, must not exist (to replace the shipped base: "
-                           "rm -r tiny_base, then --out tiny_base) (default: %(default)s)")
-    make.add_argument("--steps", type=int, default=PRETRAIN_STEPS,
-                      help="steps of the autoencoder and of the UNet each (default: %(default)s)")
+                           "rm -r tiny_base, then --out tiny_base) (default: <base>-rebuilt)")
+    make.add_argument("--steps", type=int, default=None,
+                      help=f"steps of the autoencoder and of the UNet each (default: "
+                           f"{PRETRAIN_STEPS}); flow: of the transformer (default: {FLOW_PRETRAIN_STEPS})")
     make.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of every "
                       "draw; the shipped base: 0 (default: %(default)s)")
     pairs = commands.add_parser("seed-pairs", help="draw and label the seed and held-out pairs, "
@@ -493,12 +589,21 @@ def main(argv=None):
                        "world's ship beside this file, a variant's in worlds/<world>/ (default: "
                        "%(default)s)")
     args = parser.parse_args(argv)
+    if args.command == "pretrain":  # the defaults of the base it builds
+        shipped = FLOW_BASE if args.model == "flow" else BASE
+        args.out = args.out or f"{shipped.name}-rebuilt"
+        args.steps = args.steps or (FLOW_PRETRAIN_STEPS if args.model == "flow" else PRETRAIN_STEPS)
     out = Path(args.out)
     if out.exists():
         print(f"error: --out {out} already exists; choose a new folder", file=sys.stderr)
         return 2
     started = time.time()
-    if args.command == "pretrain":
+    if args.command == "pretrain" and args.model == "flow":
+        pretrain_flow_base(out, args.steps, args.seed)
+        print(f"pretrained the tiny flow base in {time.time() - started:.0f} s: {out}")
+        if out.resolve() != FLOW_BASE and args.steps == FLOW_PRETRAIN_STEPS and args.seed == 0:
+            report(out, FLOW_BASE, "the tiny flow base")
+    elif args.command == "pretrain":
         pretrain(out, args.steps, args.seed)
         print(f"pretrained the tiny base in {time.time() - started:.0f} s: {out}")
         if out.resolve() != BASE and args.steps == PRETRAIN_STEPS and args.seed == 0:

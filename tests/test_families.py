@@ -309,7 +309,7 @@ def test_flow_gradient_checkpointing_changes_memory_not_results(family, tmp_path
 def test_a_killed_flux_run_resumed_by_torchrun_computes_what_one_process_does(tmp_path, monkeypatch,
                                                                              capsys):
     """FLUX killed at iter_1's third DPO step, finished by 2 processes from its checkpoint and
-    iter_0's saved transformer: the result is one process's (fp32: at beta = 5000, bf16 rounding
+    iter_0's saved transformer: the result is one process's (fp32: at FLUX's beta, 300, bf16 rounding
     alone moves the loss far more than these few tiny steps do)."""
     folder = tmp_path / "flux"
     build_tiny_flow(folder, "flux")

@@ -16,12 +16,14 @@ few flags, over the same seeds:
     sail-random-pairs      SAIL with random instead of best-worst pairs
     sail-reward-ref-prev   SAIL with --reward-ref prev instead of base
     all-labels-dpo         SAIL's procedure, each self-labelled pair re-labelled by the annotator
+    sail-prior-noise       SAIL with --pair-noise prior (PNAPO): flow models only, the flow world
 
 Run:
     python evidence.py                      # the study: 3 seeds, about 25 minutes on 2 CPU cores
     python evidence.py --seeds 5 --out ev5  # more seeds
     python evidence.py --quick              # the smallest size (the test suite runs it)
     python evidence.py --world taste --seeds 5 --jobs 2   # the second study (docs/evidence-2.md)
+    python evidence.py --tiny-model flow --seeds 5 --jobs 2   # the flow world (results/evidence-flow/)
 
 --world picks the tiny world (tiny_world.py): shapes (the first study), or a variant that is ONE
 change to it, offpolicy or taste; a variant runs the second study's conditions (VARIANT_CONDITIONS)
@@ -87,6 +89,7 @@ def condition_flags(iters, dpo_steps, extra=()):
         "sail-random-pairs": [*sail_run, "--pairs", "random"],
         "sail-reward-ref-prev": [*sail_run, "--reward-ref", "prev"],
         "all-labels-dpo": [*sail_run, "--oracle-labels"],
+        "sail-prior-noise": [*sail_run, "--pair-noise", "prior"],  # flow models only
     }
 
 
@@ -95,6 +98,9 @@ CONDITIONS = condition_flags(4, sail.TINY_PRESET["dpo_steps"])  # SAIL: 4 iterat
 VARIANT_ITERS = 3
 VARIANT_CONDITIONS = ["single-round-seed-dpo", "iterative-seed-dpo", "sail", "all-labels-dpo"]
 VARIANT_FLAGS = condition_flags(VARIANT_ITERS, sail.TINY_PRESET["dpo_steps"])
+# The flow world (--tiny-model flow): the conditions of the issue that asked for it, with prior-noise
+# pairs (PNAPO), 3 SAIL iterations as the variant worlds (a flow run costs about 1.2 DDPM runs)
+FLOW_CONDITIONS = ["single-round-seed-dpo", "iterative-seed-dpo", "sail", "sail-prior-noise"]
 # The quick size: every condition and every line of the study, at toy cost.
 QUICK_CONDITIONS = condition_flags(1, 2, ["--n-candidates", "2", "--k-draws", "1",
                                           "--prompts-per-iter", "2", "--eval-seeds", "1",
@@ -111,6 +117,8 @@ CLAIMS = [  # (claim, control, expected sign of SAIL minus control), paired by s
     ("best-worst pairs beat random pairs", "sail-random-pairs", +1),
     ("reward reference base vs prev (the paper makes no claim)", "sail-reward-ref-prev", 0),
     ("all-labels DPO beats SAIL (the annotator labels every pair SAIL saw)", "all-labels-dpo", -1),
+    ("prior-noise pairs (PNAPO) beat fresh noise (--pair-noise prior beats SAIL)",
+     "sail-prior-noise", -1),
 ]
 METRICS = ["annotator", "annotator/seen", "annotator/unseen", "fidelity", "self_label_acc",
            "judge_acc/heldout"]
@@ -122,10 +130,13 @@ def parse(argv):
                         help="output folder; must not exist (default: runs/evidence-<time>)")
     parser.add_argument("--world", default="shapes", help="the tiny world: shapes (the first "
                         "study) or a variant of the second, offpolicy or taste (default: shapes)")
+    parser.add_argument("--tiny-model", default="ddpm", choices=["ddpm", "flow"],
+                        help="the tiny world's base: ddpm, or flow (its rectified-flow twin)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per condition")
     parser.add_argument("--conditions", default=None, help="comma-separated subset of: "
-                        + ", ".join(CONDITIONS) + " (default: all; a variant world: "
-                        + ", ".join(VARIANT_CONDITIONS) + ")")
+                        + ", ".join(CONDITIONS) + " (default: all but sail-prior-noise; a variant "
+                        "world: " + ", ".join(VARIANT_CONDITIONS) + "; the flow world: "
+                        + ", ".join(FLOW_CONDITIONS) + ")")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at once, one thread each (default: 1, all threads)")
     parser.add_argument("--quick", action="store_true", help="toy size, for the test suite")
@@ -133,7 +144,10 @@ def parse(argv):
     if args.world not in tiny_world.WORLDS:
         raise sail.InputError(f"--world: unknown world {args.world} "
                               f"(known: {', '.join(tiny_world.WORLDS)})")
-    default = CONDITIONS if args.world == "shapes" else VARIANT_CONDITIONS
+    if args.tiny_model == "flow" and args.world != "shapes":
+        raise sail.InputError("--tiny-model flow: the flow world is the shapes world's")
+    default = (FLOW_CONDITIONS if args.tiny_model == "flow" else VARIANT_CONDITIONS
+               if args.world != "shapes" else [c for c in CONDITIONS if c != "sail-prior-noise"])
     args.conditions = [c.strip() for c in (args.conditions or ",".join(default)).split(",")
                        if c.strip()]
     unknown = [c for c in args.conditions if c not in CONDITIONS]
@@ -152,17 +166,18 @@ def parse(argv):
 def run_condition(name, seed, args, runs):
     """One sail.py run in this process -> (its per-stage summaries {stage: summary}, seconds)."""
     started = time.time()
-    flags = (QUICK_CONDITIONS if args.quick else CONDITIONS if args.world == "shapes"
-             else VARIANT_FLAGS)[name]
+    flags = (QUICK_CONDITIONS if args.quick else VARIANT_FLAGS if args.world != "shapes"
+             or args.tiny_model == "flow" else CONDITIONS)[name]
     out = runs / f"{name}-seed{seed}"
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        code = sail.main(["--tiny", "--tiny-world", args.world, "--seed", str(seed),
-                          "--out", str(out), *flags])
+        code = sail.main(["--tiny", "--tiny-world", args.world, "--tiny-model", args.tiny_model,
+                          "--seed", str(seed), "--out", str(out), *flags])
     (out / "log.txt").write_text(log.getvalue())
     if code != 0:
         raise RuntimeError(f"{name} seed {seed} failed:\n{log.getvalue()}")
-    for weights in [out / "tiny_base", out / "checkpoints", *out.glob("iter_*/unet")]:
+    for weights in [out / "tiny_base", out / "checkpoints", *out.glob("iter_*/unet"),
+                    *out.glob("iter_*/transformer")]:
         shutil.rmtree(weights, ignore_errors=True)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["stage"]: r for r in records if r.get("event") == "summary"}, time.time() - started
@@ -295,7 +310,8 @@ def confidence_ranking(runs, seeds):
 
 def write_tables(out, args, rows, claims, results, seeds, seconds):
     fmt = lambda m, s: "" if math.isnan(m) else f"{m:.2f} ± {s:.2f}"  # noqa: E731
-    lines = [f"Tiny world '{args.world}', {len(seeds)} seeds ({', '.join(map(str, seeds))}), "
+    model = " (flow)" if args.tiny_model == "flow" else ""  # the rectified-flow base
+    lines = [f"Tiny world '{args.world}'{model}, {len(seeds)} seeds ({', '.join(map(str, seeds))}), "
              f"{seconds / 60:.1f} min ({args.jobs} run(s) at once). Final stage of each "
              "condition; mean ± std over seeds.", "",
              "| condition | annotator | seen | unseen | fidelity | self-label acc | "

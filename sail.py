@@ -29,8 +29,7 @@ Equation map (numbers as in SPEC.md; each appears again beside the line that com
     mixup    ranked preference mixup, ratio alpha                            ranked_mixup
 
 Run it: `python sail.py --iters 2` aligns SD 1.5 on a GPU, or runs the embedded tiny world without
-one (2 CPU cores: about 45 s); --model takes SD, SDXL, SD3 or FLUX; --resume, --lora-rank 8,
-torchrun; --help lists every setting with its paper value (README: every command).
+one (2 CPU cores: about 45 s); --help lists every setting with its paper value (README: every command).
 
 Layout and budget (keep both): settings; PART 1, the algorithm in run order (sections 1-6), in
 the file's first half; PART 2, plumbing it calls (7-12). At most 1,000 lines, no function over 60.
@@ -353,8 +352,7 @@ def judge_candidates(pipe, judge_ref, prompts, indices, args, stage):
     `indices` number the prompts within the whole prompt file: candidate c of prompt j always
     comes from the generator (stage, j, c), however prompts are batched or split over processes.
     Returns, per prompt, None on a tie or (latents (2, C, h, w), images (2, 3, H, W), r_w, r_l, p,
-    starting noises (2, C, h, w)), chosen first: the latents Eq. 8 judged, which DPO trains on.
-    """
+    starting noises (2, C, h, w)), chosen first: the latents Eq. 8 judged, which DPO trains on."""
     n = args.n_candidates
     scheduler = training_schedule(pipe)
     keys = [(args.seed, stage, "candidate", j, c) for j in indices for c in range(n)]
@@ -454,8 +452,7 @@ def sail(args, pipe, data, run):
     """
     set_sampler(pipe, args)
     seed_pairs, prompts = data["seed_pairs"], data["prompts"]
-    # eps_base, frozen: step 0's DPO reference and Eq. 8's (copies; LoRA: every adapter off)
-    base_unet, judge_base = base_references(pipe, args)
+    base_unet, judge_base = base_references(pipe, args)  # eps_base frozen, for step 0 and Eq. 8
     finished = [stage for stage in run.stages[1:] if run.finished(stage)]
     if finished:  # resuming: the current model is the last finished stage's
         restore_model(pipe, args, run, finished)

@@ -49,6 +49,7 @@ import transformers
 from diffusers import (AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler,
                        SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline,
                        UNet2DConditionModel)
+from safetensors.torch import load_file  # installed with diffusers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 diffusers.utils.logging.disable_progress_bar()
@@ -359,7 +360,9 @@ def build_flow_pipeline(folder, vae_folder=BASE / "vae"):
         sample_size=SIZE // 2, patch_size=1, in_channels=4, out_channels=4, num_layers=2,
         attention_head_dim=16, num_attention_heads=2, caption_projection_dim=32,
         joint_attention_dim=64, pooled_projection_dim=64, pos_embed_max_size=SIZE // 2)
-    vae = AutoencoderKL.from_pretrained(vae_folder)
+    with torch.random.fork_rng(devices=[]):  # its random init is overwritten: no global draw
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(vae_folder))  # (no path saved)
+    vae.load_state_dict(load_file(Path(vae_folder) / "diffusion_pytorch_model.safetensors"))
     vae.register_to_config(shift_factor=0.0)  # SD3's pipeline adds it when decoding
     # shift 1: SD3's shift of 3 moves training and sampling towards noise for 1024 px images, whose
     # many pixels keep the picture recognisable at more noise (Esser et al. 2024, section 5.3.2:
@@ -536,7 +539,6 @@ def write_seed_pairs(folder, seed=0, world="shapes"):
 def differences(new, shipped):
     """Files of folder `new` that differ from `shipped`: weights compared tensor by tensor
     (the largest |difference|), any other file byte by byte."""
-    from safetensors.torch import load_file  # installed with diffusers
     found = []
     for path in sorted(p for p in Path(new).rglob("*") if p.is_file()):
         other = Path(shipped) / path.relative_to(new)

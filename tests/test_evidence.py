@@ -67,6 +67,25 @@ def test_evidence_study_quick_size_writes_its_tables_and_plot(tmp_path, tiny_bas
                     for s in (0, 1)]
 
 
+def test_evidence_in_the_flow_world_runs_prior_noise_pairs(tmp_path):
+    """--tiny-model flow: every run on the flow base, SAIL with --pair-noise prior as a condition
+    and its claim (prior noise beats fresh noise: SAIL minus it expected negative)."""
+    import evidence
+    out = tmp_path / "flow"
+    assert evidence.main(["--quick", "--tiny-model", "flow", "--seeds", "1", "--out", str(out),
+                          "--conditions", "sail,sail-prior-noise"]) == 0
+    configs = [json.loads((out / "runs" / f"{c}-seed0" / "config.json").read_text())
+               for c in ("sail", "sail-prior-noise")]
+    assert [(c["tiny_model"], c["pair_noise"]) for c in configs] == [("flow", "fresh"),
+                                                                     ("flow", "prior")]
+    pairs = json.loads((out / "runs" / "sail-prior-noise-seed0" / "iter_1" / "pairs.json").read_text())
+    assert pairs and all("chosen_noise" in p for p in pairs)
+    text = (out / "results.md").read_text()
+    assert "Tiny world 'shapes' (flow)" in text and "prior-noise pairs (PNAPO) beat fresh noise" in text
+    assert evidence.FLOW_CONDITIONS == ["single-round-seed-dpo", "iterative-seed-dpo", "sail",
+                                        "sail-prior-noise"]
+
+
 def test_evidence_verdict_rule():
     import evidence
     assert evidence.verdict([3.0, 2.5, 3.5]) == "held"

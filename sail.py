@@ -134,7 +134,7 @@ class Args:
         "help": "fraction of training prompts replaced by '' so CFG keeps working (Diffusion-DPO: 0.2)"})
     pair_noise: Literal["fresh", "prior"] = field(default="fresh", metadata={
         "help": "flow models: a self-labelled pair's eps in Eq. DPO, fresh and shared (Diffusion-DPO) "
-                "or each image's own starting noise (PNAPO, Lu et al. 2026; see training_noise)"})
+                "or each image's starting noise (PNAPO; tiny flow world: worse, docs/evidence-flow.md)"})
     # --- sampling candidates
     resolution: int = field(default=512, metadata={"help": "image size in pixels (SD 1.5: 512)"})
     sampler: Literal["ddpm", "ddim", "euler"] = field(default="ddpm", metadata={

@@ -1,0 +1,108 @@
+"""t's density for flow models, measured in the tiny flow world (issue 28, part 3).
+
+sail.py draws a flow model's t logit-normal (SD3's training density) for Eq. DPO's loss and for
+Eq. 8's K draws alike; diffusers' FLUX script trains with uniform t. This runs
+`sail.py --tiny-model flow --iters 2 --seed S` in-process with `sail.draw_timesteps` replaced per
+call site: the loss's draws (dpo_step_data) and Eq. 8's (everything else) each logit-normal (ln)
+or uniform (u), for every variant in VARIANTS and S in SEEDS, two runs at a time, one thread
+each; then writes summary.csv (mean and std over seeds per variant, after iter_2) and the table
+in README.md. A finished run is kept and not run again.
+
+    python results/flow-t/sweep.py                  # run + collect (about 8 minutes on 2 cores)
+    python results/flow-t/sweep.py --collect-only
+"""
+
+import argparse
+import csv
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # the runs' own lines, not their bars
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+VARIANTS = {"ln/ln (today)": ("ln", "ln"), "u/u": ("u", "u"), "u/ln": ("u", "ln")}  # loss/Eq. 8
+SEEDS = (0, 1, 2)
+METRICS = ("annotator", "annotator/seen", "annotator/unseen", "fidelity", "judge_acc/heldout",
+           "self_label_acc")
+
+
+def folder(runs, variant, seed):
+    loss, eq8 = VARIANTS[variant]
+    return Path(runs) / f"loss-{loss}-eq8-{eq8}-seed{seed}"
+
+
+def one_run(variant, seed, runs):
+    """One in-process run, draw_timesteps chosen per call site (this worker's own sail)."""
+    import torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(ROOT))
+    import sail
+    densities, site = dict(zip(("loss", "eq8"), VARIANTS[variant])), ["eq8"]
+    real_draw, real_step_data = sail.draw_timesteps, sail.dpo_step_data
+
+    def draw_timesteps(scheduler, n, generator):
+        if densities[site[0]] == "ln":
+            return real_draw(scheduler, n, generator)
+        return torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
+
+    def dpo_step_data(*args, **kwargs):
+        site[0] = "loss"
+        try:
+            return real_step_data(*args, **kwargs)
+        finally:
+            site[0] = "eq8"
+    sail.draw_timesteps, sail.dpo_step_data = draw_timesteps, dpo_step_data
+    out = folder(runs, variant, seed)
+    if (out / "iter_2" / "summary.json").exists():
+        return
+    if out.exists():
+        raise SystemExit(f"{out}: an unfinished run; remove it and run again")
+    assert sail.main(["--tiny", "--tiny-model", "flow", "--iters", "2", "--seed", str(seed),
+                      "--out", str(out)]) == 0
+
+
+def collect(runs):
+    rows = []
+    for variant in VARIANTS:
+        finals = [json.loads((folder(runs, variant, s) / "iter_2" / "summary.json").read_text())
+                  for s in SEEDS]
+        row = {"variant": variant}
+        for m in METRICS:
+            values = [f[m] for f in finals]
+            row[m], row[m + " std"] = statistics.mean(values), statistics.stdev(values)
+        rows.append(row)
+    with open(HERE / "summary.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    base = [json.loads((folder(runs, "ln/ln (today)", s) / "base" / "summary.json").read_text())
+            for s in SEEDS]
+    lines = ["| t density, loss / Eq. 8 (after iter_2, seeds 0-2) | " + " | ".join(METRICS) + " |",
+             "|---" * (len(METRICS) + 1) + "|",
+             "| base | " + " | ".join(f"{statistics.mean(b[m] for b in base):.3f}" if m in base[0]
+                                     else "" for m in METRICS) + " |"]
+    lines += [f"| {r['variant']} | " + " | ".join(f"{r[m]:.3f} ± {r[m + ' std']:.3f}" for m in METRICS)
+              + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "flow-t"))
+    parser.add_argument("--collect-only", action="store_true")
+    options = parser.parse_args(argv)
+    if not options.collect_only:
+        tasks = [(v, s) for s in SEEDS for v in VARIANTS]
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for future in [pool.submit(one_run, v, s, options.runs) for v, s in tasks]:
+                future.result()
+    print(collect(options.runs))
+
+
+if __name__ == "__main__":
+    main()

@@ -98,7 +98,9 @@ def main(argv=None):
     options = parser.parse_args(argv)
     if not options.collect_only:
         tasks = [(v, s) for s in SEEDS for v in VARIANTS]
-        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # a fresh process per run: a worker that ran one already holds its patched functions
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"),
+                                 max_tasks_per_child=1) as pool:
             for future in [pool.submit(one_run, v, s, options.runs) for v, s in tasks]:
                 future.result()
     print(collect(options.runs))

@@ -94,6 +94,35 @@ def measure(fn, repeats, device):
     return statistics.median(seconds), peak_memory_mb(device), result
 
 
+def measured_row(figures, work, repeats, row, **measured):
+    """A figures row of `work` (measure: median seconds, peak memory) with `row`'s fields and the
+    `measured` ones (units, unit, note), or, when the GPU ran out, `row` alone with status OOM."""
+    try:
+        seconds, peak, _ = measure(work, repeats, figures.device)
+        figures.add(**row, **measured, seconds=seconds, peak_gib=peak / 1024)
+    except torch.OutOfMemoryError:
+        figures.add(**row, status="OOM")
+
+
+def lora_round(pipe, args, pairs, run):
+    """A LoRA round begun as sail.py begins it (the denoiser's own weights frozen in --precision,
+    gradient checkpointing, fresh fp32 adapters) -> (its DPO stage as a function that can run
+    again, the adapters' weight count): a stage ends by freezing its adapters, so each call makes
+    them trainable again. Without peft: sail's InputError naming it."""
+    plumbing.peft()
+    model = plumbing.denoiser(pipe)
+    sail.cast_frozen_models(pipe, args.precision, lora=True)  # as sail.main does
+    model.enable_gradient_checkpointing()
+    ref = sail.begin_round(pipe, args, "iter_0")  # the network with the round's adapters off
+    trained = [p for p in model.parameters() if p.requires_grad]
+
+    def stage():
+        for parameter in trained:
+            parameter.requires_grad_(True)
+        return sail.diffusion_dpo(pipe, ref, pairs, args, "iter_0", run)
+    return stage, sum(p.numel() for p in trained)
+
+
 # ------------------------------------------------------------------------------------------------
 # The pieces of one iteration, each a function of its size
 # ------------------------------------------------------------------------------------------------
@@ -343,7 +372,7 @@ def memory(device, pairs, resolution, out):
 # ------------------------------------------------------------------------------------------------
 # --gpu-figures: the README's GPU figures in one short session on one GPU
 # ------------------------------------------------------------------------------------------------
-# One process, at most 8 minutes with model construction, SD 1.5, SDXL and FLUX.1 shapes with random
+# One process, at most 8 minutes with model construction, SD 1.5-, SDXL- and FLUX.1-shaped random
 # weights (no downloads):
 #   part 1  a whole `sail.py --iters 1` per --precision, run in-process through sail.main with
 #           sail's stage functions wrapped to time them and record each one's peak memory;
@@ -988,25 +1017,19 @@ def sdxl_step(figures, scratch, repeats):
                 pipe.unet.enable_gradient_checkpointing()
             else:
                 pipe.unet.disable_gradient_checkpointing()
-            name = ("SDXL DPO step, Adafactor, gradient checkpointing "
-                    + ("on" if checkpointing else "off"))
-            setting = f"{len(pairs)} pairs/step, {resolution} px"
-            try:
-                seconds, peak, _ = measure(
-                    lambda: sail.diffusion_dpo(pipe, ref_unet, pairs, args, "iter_0", run),
-                    repeats, device)
-                figures.add(part=4, measure=name, precision=precision, setting=setting,
-                            seconds=seconds, units=len(pairs), unit="pairs",
-                            peak_gib=peak / 1024, note=f"UNet {parameters / 1e9:.3g}B parameters")
-            except torch.OutOfMemoryError:
-                figures.add(part=4, measure=name, precision=precision, setting=setting,
-                            status="OOM")
+            row = dict(part=4, measure="SDXL DPO step, Adafactor, gradient checkpointing "
+                       + ("on" if checkpointing else "off"), precision=precision,
+                       setting=f"{len(pairs)} pairs/step, {resolution} px")
+            measured_row(figures, lambda: sail.diffusion_dpo(pipe, ref_unet, pairs, args,
+                                                             "iter_0", run),
+                         repeats, row, units=len(pairs), unit="pairs",
+                         note=f"UNet {parameters / 1e9:.3g}B parameters")
             pipe.unet.zero_grad(set_to_none=True)
             pipe.unet.eval().requires_grad_(False)
             free_memory(device)
-    del ref_unet
-    free_memory(device)
-    lora_step(figures, pipe, pairs, args, run, repeats)
+        del ref_unet
+        free_memory(device)
+        lora_step(figures, pipe, pairs, args, run, repeats)
     run.log_file.close()
     del pipe
     free_memory(device)
@@ -1016,30 +1039,16 @@ def lora_step(figures, pipe, pairs, args, run, repeats):
     """Part 4's LoRA row: the same step with --lora-rank 8 as sail.py runs it, the UNet's own
     weights frozen in bf16 (no reference copy), fp32 adapters, AdamW, gradient checkpointing."""
     args = dataclasses.replace(args, lora_rank=8, optimizer="adamw", lr=plumbing.LORA_LR["real"])
-    name, setting = "SDXL LoRA DPO step, rank 8, AdamW, gradient checkpointing on", \
-        f"{len(pairs)} pairs/step, {args.resolution} px"
+    row = dict(part=4, measure="SDXL LoRA DPO step, rank 8, AdamW, gradient checkpointing on",
+               precision=args.precision)
     try:
-        plumbing.peft()
-    except plumbing.InputError as missing:
-        figures.add(part=4, measure=name, precision=args.precision, status=f"skipped: {missing}")
+        stage, adapters = lora_round(pipe, args, pairs, run)
+    except plumbing.InputError as missing:  # peft is optional
+        figures.add(**row, status=f"skipped: {missing}")
         return
-    sail.cast_frozen_models(pipe, args.precision, lora=True)  # as sail.main does
-    pipe.unet.enable_gradient_checkpointing()
-    ref = sail.begin_round(pipe, args, "iter_0")  # the UNet with the round's adapters off
-    trained = [p for p in pipe.unet.parameters() if p.requires_grad]  # a stage ends freezing them
-
-    def step():
-        for parameter in trained:
-            parameter.requires_grad_(True)
-        return sail.diffusion_dpo(pipe, ref, pairs, args, "iter_0", run)
-    adapters = sum(p.numel() for p in trained)
-    try:
-        seconds, peak, _ = measure(step, repeats, figures.device)
-        figures.add(part=4, measure=name, precision=args.precision, setting=setting,
-                    seconds=seconds, units=len(pairs), unit="pairs", peak_gib=peak / 1024,
-                    note=f"base in {args.precision}, {adapters / 1e6:.3g}M fp32 adapter weights")
-    except torch.OutOfMemoryError:
-        figures.add(part=4, measure=name, precision=args.precision, setting=setting, status="OOM")
+    measured_row(figures, stage, repeats, {**row, "setting": f"{len(pairs)} pairs/step, "
+                                           f"{args.resolution} px"}, units=len(pairs), unit="pairs",
+                 note=f"base in {args.precision}, {adapters / 1e6:.3g}M fp32 adapter weights")
 
 
 def flux_shaped_pipeline(folder, toy):
@@ -1109,29 +1118,21 @@ def flux_lora_stage(figures, scratch):
                      effective_batch=1, micro_batch=1, dpo_steps=1, checkpoint_every=2,
                      n_candidates=1, k_draws=sizes["flux_reward_batch"],
                      reward_batch=sizes["flux_reward_batch"])
-    try:
-        plumbing.peft()
-    except plumbing.InputError as missing:
-        figures.add(part=5, measure="FLUX.1 LoRA stage", precision="bf16", status=f"skipped: {missing}")
-        return
-    sail.cast_frozen_models(pipe, "bf16", lora=True)
-    pipe.transformer.enable_gradient_checkpointing()
-    ref = sail.begin_round(pipe, args, "iter_0")
-    weights = sum(p.numel() for p in pipe.transformer.parameters())
-    print(f"part 5: FLUX-shaped pipeline built in {time.perf_counter() - started:.1f} s; "
-          f"transformer {weights / 1e9:.3g}B parameters", flush=True)
     pairs = plumbing.read_seed_pairs(write_random_pairs(
         scratch / "flux-pairs", 1, resolution, FIGURE_PROMPTS))
     run = sail.Run(scratch / "part5", args)
     run.out.mkdir(parents=True)
     run.open_log()
-    trained = [p for p in pipe.transformer.parameters() if p.requires_grad]
-
-    def dpo_step():
-        for parameter in trained:  # a stage ends freezing them
-            parameter.requires_grad_(True)
-        return sail.diffusion_dpo(pipe, ref, pairs, args, "iter_0", run)
-
+    try:
+        dpo_step, _ = lora_round(pipe, args, pairs, run)
+    except plumbing.InputError as missing:  # peft is optional
+        figures.add(part=5, measure="FLUX.1 LoRA stage", precision="bf16",
+                    status=f"skipped: {missing}")
+        run.log_file.close()
+        return
+    weights = sum(p.numel() for p in pipe.transformer.parameters())
+    print(f"part 5: FLUX-shaped pipeline built in {time.perf_counter() - started:.1f} s; "
+          f"transformer {weights / 1e9:.3g}B parameters", flush=True)
     candidate = []
 
     def generation():
@@ -1150,16 +1151,11 @@ def flux_lora_stage(figures, scratch):
             (f"generation, {args.sample_steps} steps", generation, 1, "images"),
             (f"Eq. 8 in fp32 layer by layer, {args.reward_batch} latents per call",
              ranking, args.k_draws, "noisy latents")):
-        try:
-            seconds, peak, _ = measure(work, 1, device)  # its peaks; 12B in fp32 is slow
-            figures.add(part=5, measure=f"FLUX.1 LoRA: {name}", precision="bf16", setting=setting,
-                        seconds=seconds, units=units, unit=unit, peak_gib=peak / 1024)
-        except torch.OutOfMemoryError:
-            figures.add(part=5, measure=f"FLUX.1 LoRA: {name}", precision="bf16",
-                        setting=setting, status="OOM")
+        row = dict(part=5, measure=f"FLUX.1 LoRA: {name}", precision="bf16", setting=setting)
+        measured_row(figures, work, 1, row, units=units, unit=unit)  # its peaks: 12B is slow
         free_memory(device)
     run.log_file.close()
-    del pipe, ref
+    del pipe, dpo_step
     free_memory(device)
 
 

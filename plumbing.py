@@ -734,8 +734,9 @@ def judging(pipe, args):
         for p, data in zip(layer.parameters(recurse=False), stash.pop(layer)):
             p.data = data
 
-    half = [layer for layer in unet.modules() if args.reward_precision == "fp32" and any(
-        p.dtype != torch.float32 for p in layer.parameters(recurse=False))]
+    half = ([layer for layer in unet.modules()
+             if any(p.dtype != torch.float32 for p in layer.parameters(recurse=False))]
+            if args.reward_precision == "fp32" else [])  # layers stored below fp32
     hooks = [hook for layer in half for hook in (layer.register_forward_pre_hook(upcast),
                                                   layer.register_forward_hook(restore))]
     try:

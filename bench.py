@@ -390,15 +390,17 @@ GPU_SIZES = dict(resolution=512, sdxl_resolution=1024, n_candidates=8, k_draws=1
                  sample_steps=50, guidance_scale=7.5, prompts_per_iter=1, seed_pairs=8,
                  effective_batch=4, micro_batch=2, dpo_steps=2, eval_seeds=1, dpo_pairs=8,
                  spread_prompts=3, spread_dpo_steps=2, sdxl_pairs=1, repeats=3,
-                 flux_resolution=1024, flux_sample_steps=4, flux_reward_batch=4)
+                 flux_resolution=1024, flux_sample_steps=4, flux_reward_batch=4, rate_steps=10,
+                 rate_calls="8,32,64")
 # --toy: the same code paths at tiny sizes and tiny models, on a CPU in seconds (the test runs it)
 TOY_SIZES = dict(GPU_SIZES, resolution=16, sdxl_resolution=16, n_candidates=3, k_draws=2,
                  sample_steps=2, seed_pairs=4, effective_batch=2, micro_batch=1, dpo_steps=1,
                  dpo_pairs=2, spread_prompts=2, spread_dpo_steps=1, repeats=1,
-                 flux_resolution=16, flux_sample_steps=2, flux_reward_batch=2)
+                 flux_resolution=16, flux_sample_steps=2, flux_reward_batch=2, rate_steps=2,
+                 rate_calls="3,6")
 # Seconds each piece is expected to take on an H100 (GPU_RUN estimate), to skip what cannot
 # finish inside --budget-s: part 1 per precision, then parts 2, 3, 4
-EXPECTED_SECONDS = {"fp32": 110, "bf16": 35, "fp16": 35, 2: 40, 3: 60, 4: 55, 5: 120}
+EXPECTED_SECONDS = {"fp32": 110, "bf16": 35, "fp16": 35, 2: 40, 3: 60, 4: 55, 5: 120, 6: 240}
 FIGURE_PROMPTS = ["a red circle", "a green square", "a blue triangle", "a yellow circle",
                   "a cyan square", "a magenta triangle"]
 FIGURE_FIELDS = ["part", "measure", "precision", "setting", "seconds", "units", "unit",
@@ -479,6 +481,7 @@ class Figures:
             writer.writeheader()
             writer.writerows(self.rows)
         (self.out / "results.md").write_text(figures_markdown(self))
+        (self.out / "summary.json").write_text(json.dumps(summary(self), indent=1) + "\n")
 
 
 class StageTimer:
@@ -574,12 +577,12 @@ def write_random_pairs(folder, count, resolution, prompts, seed=0):
 
 
 def cached_image_loader(pairs, resolution):
-    """sail.load_image with the pairs' images decoded once, ahead of the timed steps (as the
+    """plumbing.load_image with the pairs' images decoded once, ahead of the timed steps (as the
     official code's 16 dataloader workers decode them ahead of the step)."""
-    cache = {pair[key]: sail.load_image(pair[key], resolution)
+    cache = {pair[key]: plumbing.load_image(pair[key], resolution)
              for pair in pairs for key in ("chosen", "rejected")}
     return lambda path, size: (cache[path].clone() if size == resolution
-                               else sail.load_image(path, size))
+                               else plumbing.load_image(path, size))
 
 
 def whole_runs(figures, model, seed_pairs_file, scratch, precision):
@@ -734,8 +737,11 @@ def official_versus_sail(figures, model, seed_pairs, scratch, repeats):
 
     # sail.py's own step, the whole of sail.diffusion_dpo for one optimizer step
     make_optimizer = sail.make_optimizer  # the original, for the counting wrapper below
-    for precision, cached, steps in (("fp16", True, 1), ("bf16", True, 1), ("bf16", True, 5),
-                                     ("bf16", False, 1)):
+    # cached: "posteriors" = the seed pairs' VAE posteriors kept (--cache-posteriors, no VAE in
+    # the step), "pngs" = only the images decoded ahead (the VAE encodes them in the step), "" =
+    # neither (PNGs decoded inside the step)
+    for precision, cached, steps in (("fp16", "posteriors", 1), ("bf16", "posteriors", 1),
+                                     ("bf16", "posteriors", 5), ("bf16", "pngs", 1), ("bf16", "", 1)):
         sail.cast_frozen_models(pipe, precision)
         ref_unet = sail.frozen_copy(unet, precision)
         run_args = copy.copy(args)
@@ -747,21 +753,62 @@ def official_versus_sail(figures, model, seed_pairs, scratch, repeats):
         taken = []  # each call makes its optimizer: count steps, hold no optimizer alive
         replacements = dict(make_optimizer=lambda params, make_args: count_steps(
             make_optimizer(params, make_args), taken))
-        if cached:
-            replacements["load_image"] = load
-        with patched(sail, **replacements):
+        if cached == "posteriors":  # as sail.start_run keeps them, filled before the timed steps
+            run.posteriors = plumbing.Posteriors(pipe.vae, resolution, [
+                pair[key] for pair in pairs for key in ("chosen", "rejected")], 2 * batch)
+            run.posteriors(list(run.posteriors.chunk_of))
+        with patched(sail, **replacements), patched(plumbing, load_image=load if cached else
+                                                    plumbing.load_image):
             record("sail.diffusion_dpo step", precision,
                    lambda: sail.diffusion_dpo(pipe, ref_unet, pairs, run_args, "iter_0", run,
                                               loss_scale=settled_scale),
-                   taken, ("PNGs decoded ahead" if cached
-                           else "PNGs decoded inside the step (sail.load_image)")
+                   taken, {"posteriors": "VAE posteriors kept (--cache-posteriors): no VAE",
+                           "pngs": "PNGs decoded ahead, VAE in the step (--no-cache-posteriors)",
+                           "": "PNGs decoded and encoded inside the step"}[cached]
                    + (f"; loss scale from {settled_scale:g}" if precision == "fp16" else ""),
                    steps)
         run.log_file.close()
         del ref_unet
         free_memory(device)
+    reference_dtype_effect(figures, pipe, prompts, args)
     del pipe, unet
     free_memory(device)
+
+
+def reference_dtype_effect(figures, pipe, prompts, args):
+    """What running Eq. DPO's half-precision reference in its own dtype (sail.py since issue 29,
+    plumbing.own_dtype) changes against running it under autocast (before): on one micro-batch
+    (random latents, the step's prompts), the reference errors and, theta the fp32 UNet under
+    autocast, Eq. DPO's logits and loss, both ways."""
+    device, unet = figures.device, pipe.unet
+    size = len(prompts)
+    shape = (size, 4, args.resolution // 8, args.resolution // 8)
+    generator = torch.Generator().manual_seed(0)
+    x0, noise = (torch.randn((2, *shape), generator=generator).flatten(0, 1).to(device)
+                 for _ in range(2))                                              # (2b, 4, h, w)
+    t = torch.randint(0, 1000, (size,), generator=generator).repeat(2).to(device)
+    scheduler = sail.training_schedule(pipe)
+    for precision in ("bf16", "fp16"):
+        sail.cast_frozen_models(pipe, precision)
+        cond = sail.map_cond(lambda v: torch.cat([v, v]), sail.encode_text(pipe, prompts, args))
+        reference = sail.frozen_copy(unet, precision)
+        with torch.no_grad(), sail.autocast(device, precision):
+            theta = sail.denoising_error(unet, scheduler, x0, noise, t, cond).chunk(2)
+            before = sail.denoising_error(reference, scheduler, x0, noise, t, cond)
+            with plumbing.own_dtype(reference):
+                after = sail.denoising_error(reference, scheduler, x0, noise, t, cond)
+        (loss_before, inside_before), (loss_after, inside_after) = (
+            sail.dpo_loss(*theta, *err.chunk(2), args.beta) for err in (before, after))
+        change = (loss_after - loss_before).abs().item()
+        figures.add(part=2, measure="reference in its own dtype vs under autocast",
+                    precision=precision, setting=f"{size} pairs", value=change,
+                    note=f"loss change {change:.2e}; max relative change of err_ref "
+                         f"{((after - before).abs() / before).max().item():.2e}; max change of "
+                         f"Eq. DPO's logits {(inside_after - inside_before).abs().max().item():.3g} "
+                         f"(beta {args.beta:g}); loss {loss_before.item():.6f} -> "
+                         f"{loss_after.item():.6f}")
+        del reference
+        free_memory(device)
 
 
 def reward_spread(figures, model, seed_pairs, scratch):
@@ -849,6 +896,100 @@ def reward_spread(figures, model, seed_pairs, scratch):
                              f"max abs(r - r_fp32) {error:.3g}",
                         value=error / real_spread if real_spread else float("nan"))
     del pipe, unet, references
+    free_memory(device)
+
+
+def throughput_options(figures, model):
+    """Part 6 (issue 29, items 2 and 3): what generation and ranking run at, per option.
+
+    Generation: sail.generate at --sizes rate_calls (8, 32, 64) images per pipeline call
+    (--generation-batch) in bf16 and fp16 autocast; then, at the largest in bf16, the UNet in
+    channels-last memory format and
+    torch.compile'd (its first call's extra seconds are the compile time, and the break-even is
+    how many images pay it back). A call runs --sizes rate_steps DDPM steps, not 50: every step
+    is the same two UNet passes (CFG) and the latents come out undecoded, so images/s at the
+    paper's 50 steps is the rate x rate_steps / 50, the row's value. Ranking: Eq. 8 as sail.py
+    runs it (sail.implicit_reward inside sail.judging, one prompt's N = 8 candidates a call),
+    K = 10, the fp32 and fp16 judges at --reward-batch 40 and 80 (sail.py's default: all N x K
+    noisy latents of a prompt at once) and channels-last. Each row: median of --sizes repeats
+    calls after a warm-up."""
+    device, sizes = figures.device, figures.sizes
+    resolution, steps, repeats = sizes["resolution"], sizes["rate_steps"], sizes["repeats"]
+    n, k = sizes["n_candidates"], sizes["k_draws"]
+    pipe = plumbing.load_pipeline(str(model), device)
+    settings = SimpleNamespace(resolution=resolution, guidance_scale=7.5, sample_steps=steps,
+                               sampler="ddpm", precision="bf16")
+    sail.set_sampler(pipe, settings)
+    prompts = FIGURE_PROMPTS * 11
+
+    def generation(images, precision):
+        sail.cast_frozen_models(pipe, precision)  # text encoder, VAE; the UNet stays fp32
+        run_settings = SimpleNamespace(**{**vars(settings), "precision": precision})
+        return lambda: sail.generate(pipe, prompts[:images // n], n, run_settings,
+                                     torch.Generator(device).manual_seed(0))
+
+    def add_generation(images, precision, option, work, note=""):
+        row = dict(part=6, measure="generation", precision=precision,
+                   setting=f"{images} images per call, {option}")
+        try:
+            seconds, peak, _ = measure(work, repeats, device)
+        except torch.OutOfMemoryError:
+            figures.add(**row, status="OOM")
+            return None
+        figures.add(**row, seconds=seconds, units=images, unit="images", peak_gib=peak / 1024,
+                    value=images / seconds * steps / 50,
+                    note=f"{steps} steps a call; value: images/s at 50 steps{note}")
+        return seconds
+    calls = [int(size) for size in sizes["rate_calls"].split(",")]  # images per pipeline call
+    for precision in ("bf16", "fp16"):
+        for images in calls:
+            add_generation(images, precision, "autocast", generation(images, precision))
+    unet, largest = pipe.unet, calls[-1]
+    unet.to(memory_format=torch.channels_last)
+    plain = add_generation(largest, "bf16", "channels-last", generation(largest, "bf16"))
+    unet.to(memory_format=torch.contiguous_format)
+    pipe.unet = torch.compile(unet, backend="eager" if figures.toy else "inductor")  # toy: the path
+    work = generation(largest, "bf16")
+    started = time.perf_counter()
+    work()  # the first call compiles
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    first = time.perf_counter() - started
+    compiled = add_generation(largest, "bf16", "torch.compile", work)
+    if compiled and plain:
+        pays_back = (first - compiled) / max(plain - compiled, 1e-9) * largest
+        figures.add(part=6, measure="torch.compile's compile time", precision="bf16",
+                    setting=f"{largest} images per call", seconds=first - compiled,
+                    note=f"paid back after {pays_back:.0f} images" if plain > compiled
+                    else "never paid back: no faster than channels-last uncompiled")
+    pipe.unet = unet
+    # Eq. 8: theta the fp32 UNet, the reference a frozen copy in the judge's precision
+    scheduler = sail.training_schedule(pipe)
+    cond = sail.encode_text(pipe, ["a red circle"], settings)
+    candidates = torch.randn((n, 4, resolution // 8, resolution // 8),
+                             generator=torch.Generator().manual_seed(0)).to(device)
+    for judge in ("fp32", "fp16"):
+        reference = sail.frozen_copy(unet, judge)
+        judge_settings = SimpleNamespace(reward_precision=judge)
+        for batch, option in ((n * k // 2, "autocast"), (n * k, "autocast"),
+                              (n * k, "channels-last")):
+            channels_last = option == "channels-last"
+            for model_ in (unet, reference):
+                model_.to(memory_format=torch.channels_last if channels_last
+                          else torch.contiguous_format)
+
+            def rank(batch=batch):
+                with sail.judging(pipe, judge_settings):
+                    return sail.implicit_reward(unet, reference, candidates, cond, scheduler,
+                                                5000.0, k, sail.seeded(0, "rate"), batch)
+            measured_row(figures, rank, repeats, dict(
+                part=6, measure="ranking (Eq. 8)", precision=f"judge {judge}",
+                setting=f"N={n}, K={k}, --reward-batch {batch}, {option}"), units=n,
+                unit="images")
+        unet.to(memory_format=torch.contiguous_format)
+        del reference
+        free_memory(device)
+    del pipe, unet
     free_memory(device)
 
 
@@ -1011,7 +1152,7 @@ def sdxl_step(figures, scratch, repeats):
     run = sail.Run(scratch / "part4", args)
     run.out.mkdir(parents=True)
     run.open_log()
-    with patched(sail, load_image=cached_image_loader(pairs, resolution)):
+    with patched(plumbing, load_image=cached_image_loader(pairs, resolution)):
         for checkpointing in (True, False):
             if checkpointing:
                 pipe.unet.enable_gradient_checkpointing()
@@ -1159,6 +1300,43 @@ def flux_lora_stage(figures, scratch):
     free_memory(device)
 
 
+PAPER_ITERATION = dict(candidates=80_000, pairs=40_000)  # 10,000 prompts x N = 8; SAIL's stage
+
+
+def summary(figures):
+    """summary.json: the headline figures of the rows so far (None where not measured), and one
+    paper-sized SD 1.5 iteration's hours from them: generation at the fastest call size, ranking
+    with the default fp32 judge, Diffusion-DPO at sail.py's bf16 pairs/s (posteriors kept);
+    torchrun on 8 GPUs divides each stage by 8 (every stage splits its work evenly)."""
+    ok = [r for r in figures.rows if r["status"] == "ok" and r["per_second"] != ""]
+
+    def best(part, measure, precision=None, setting=""):
+        rates = [r for r in ok if r["part"] == part and r["measure"].startswith(measure)
+                 and precision in (None, r["precision"]) and setting in r["setting"]]
+        return max(rates, key=lambda r: r["per_second"]) if rates else None
+    official = best(2, "official")
+    ours = best(2, "sail", "bf16", "steps per call") or best(2, "sail", "bf16")
+    generation = max((r["value"] for r in ok if r["part"] == 6 and r["measure"] == "generation"),
+                     default=None)
+    rank32, rank16 = (best(6, "ranking", f"judge {judge}") for judge in ("fp32", "fp16"))
+    rates = dict(generation_images_per_s=generation,
+                 ranking_fp32_images_per_s=rank32 and rank32["per_second"],
+                 ranking_fp16_images_per_s=rank16 and rank16["per_second"],
+                 dpo_pairs_per_s=ours and ours["per_second"])
+    hours = None
+    if None not in rates.values():
+        hours = (PAPER_ITERATION["candidates"] / rates["generation_images_per_s"]
+                 + PAPER_ITERATION["candidates"] / rates["ranking_fp32_images_per_s"]
+                 + PAPER_ITERATION["pairs"] / rates["dpo_pairs_per_s"]) / 3600
+    return dict(
+        device=torch.cuda.get_device_name() if figures.device.type == "cuda" else "cpu",
+        toy=figures.toy,
+        dpo_vs_official=ours and official and ours["per_second"] / official["per_second"],
+        dpo_memory_vs_official=ours and official and ours["peak_gib"] / official["peak_gib"],
+        **rates, paper_iteration_hours=hours,
+        paper_iteration_hours_8_gpus=hours and hours / 8)
+
+
 def figures_markdown(figures):
     """results.md: the machine, the sizes, then a table per part, with the ratios of part 2."""
     device, rows = figures.device, figures.rows
@@ -1234,6 +1412,14 @@ def figures_markdown(figures):
           ["measure", "setting", "seconds", "rate", "peak GiB", "status"],
           lambda r: [r["measure"], r["setting"], number(r["seconds"], ".2f"), rate(r),
                      number(r["peak_gib"], ".2f"), r["status"]])
+    table(6, "6. Generation and ranking per option (value: generation's images/s at 50 steps)",
+          ["measure", "precision", "setting", "s/call", "rate", "value", "peak GiB", "status",
+           "note"],
+          lambda r: [r["measure"], r["precision"], r["setting"], number(r["seconds"], ".3f"),
+                     rate(r), number(r["value"], ".3g"), number(r["peak_gib"], ".2f"),
+                     r["status"], r["note"]])
+    lines += ["## Summary (summary.json)", "", "```json",
+              json.dumps(summary(figures), indent=1), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -1296,7 +1482,7 @@ def gpu_figures(device, out, options):
         started = time.perf_counter()
         model = scratch / "sd15-shaped"
         (scratch / "tokenizer").mkdir()
-        if options.toy or not parts & {1, 2, 3}:  # part 4 and 5 build their own
+        if options.toy or not parts & {1, 2, 3, 6}:  # part 4 and 5 build their own
             tiny_world.build_pipeline(scratch / "tokenizer").save_pretrained(model)
         else:
             with torch.device(device):  # random init on the GPU: seconds, not a minute of CPU
@@ -1326,6 +1512,9 @@ def gpu_figures(device, out, options):
         if 5 in parts:
             attempt(5, "FLUX.1 LoRA stage", "bf16", EXPECTED_SECONDS[5], lambda: flux_lora_stage(
                 figures, scratch))
+        if 6 in parts:
+            attempt(6, "generation and ranking options", "", EXPECTED_SECONDS[6],
+                    lambda: throughput_options(figures, model))
         if 1 in parts and "fp32" in figures.precisions:
             attempt(1, "whole run", "fp32", EXPECTED_SECONDS["fp32"], lambda: whole_runs(
                 figures, model, seed_pairs_file, scratch, "fp32"))
@@ -1404,7 +1593,7 @@ def main(argv=None):
                              "minutes (parts 1-4, see the section's comment in bench.py)")
     parser.add_argument("--toy", action="store_true",
                         help="--gpu-figures only: toy sizes and tiny models (CPU, seconds)")
-    parser.add_argument("--parts", default="1,2,3,4,5", help="--gpu-figures only: which parts")
+    parser.add_argument("--parts", default="1,2,3,4,5,6", help="--gpu-figures only: which parts")
     parser.add_argument("--precisions", default="fp32,bf16,fp16",
                         help="--gpu-figures only: part 1's --precision values")
     parser.add_argument("--sizes", default="",

@@ -59,14 +59,14 @@ from diffusers import (DDPMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipel
                        StableDiffusion3Pipeline, StableDiffusionXLPipeline)
 
 import tiny_world
-from plumbing import (InputError, Interrupted, LORA_LR, Rounds, Run, TrainingDiverged,
+from plumbing import (InputError, Interrupted, LORA_LR, Posteriors, Rounds, Run, TrainingDiverged,
                       absolute_paths, autocast, base_model, base_references, begin_lora_round,
                       cast_frozen_models, check_disk_space, check_model, check_new_folder,
                       check_settings, default_precision, denoiser, explain_the_mix, flag_parser,
-                      frozen_copy, judging, last_loss_scale, latent_shape_of, load_image,
-                      load_pipeline, make_optimizer, map_cond, opening_line, pair_paths,
-                      parse_flags, pipeline_class, read_data, refuse_changes, restore_model,
-                      run_folder, save_grid, save_image, save_model, save_pairs_json, saved_model,
+                      frozen_copy, judging, last_loss_scale, latent_shape_of, load_pipeline,
+                      make_optimizer, map_cond, opening_line, own_dtype, pair_paths, parse_flags,
+                      pipeline_class, read_data, refuse_changes, restore_model, run_folder,
+                      save_grid, save_image, save_model, save_pairs_json, saved_model,
                       saved_settings, schedule_on, seeded, set_sampler, setup_processes,
                       starting_noise, write_config)
 
@@ -166,6 +166,8 @@ class Args:
     reward_precision: Literal["fp32", "fp16", "bf16"] = field(default="fp32", metadata={
         "help": "precision of Eq. 8 and its frozen reference, whatever --precision is: beta/2 = "
                 "2500 magnifies rounding (docs/real-models.md: fp16 ranks 4x faster, bf16 worst)"})
+    cache_posteriors: bool = field(default=True, metadata={
+        "help": "encode the seed pairs' images once a run, not at every step (tiny world: off)"})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute the trained UNet's activations in the backward pass: less memory, more time"})
     report_to: Literal["none", "tensorboard", "wandb", "trackio"] = field(default="none", metadata={
@@ -195,15 +197,10 @@ def is_flow(scheduler):
 
 
 def draw_timesteps(scheduler, n, generator):
-    """(n,) indices t into the training schedule, drawn as the model was trained (Diffusion-DPO
-    draws SD's t the way SD trained). DDPM: t ~ U{0..T-1}. Rectified flow: t = floor(T u), u ~
-    logit-normal(0, 1), the density SD3 trained with (Esser et al. 2024, section 5.1), diffusers'
-    SD3 script default (its FLUX script's: uniform); the scheduler's sigmas[t] carry its shift."""
-    T = scheduler.config.num_train_timesteps
-    if not is_flow(scheduler):
-        return torch.randint(0, T, (n,), generator=generator)
-    u = torch.sigmoid(torch.randn(n, generator=generator))                       # logit-normal(0, 1)
-    return (u * T).long().clamp(max=T - 1)
+    """(n,) indices t ~ U{0..T-1} into the training schedule: Diffusion-DPO draws SD's t the way
+    SD trained. Flow models too, where sigmas[t] carries the scheduler's shift: uniform t beat
+    logit-normal (SD3's training density) for the loss in the tiny flow world (results/flow-t/)."""
+    return torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
 
 
 def at(table, t, x0):
@@ -396,10 +393,8 @@ def ranked_mixup(self_pairs, seed_pairs, alpha, rng, keep_top=1.0):
     kept = ranked[:max(1, round(keep_top * len(ranked)))] if ranked else []
     # |D_i| = |S_i| / alpha  =>  seed pairs = |S_i| (1 - alpha) / alpha
     n_seed = round(len(kept) * (1 - alpha) / alpha)
-    if n_seed <= len(seed_pairs):
-        seeds = rng.sample(seed_pairs, n_seed)
-    else:
-        seeds = rng.choices(seed_pairs, k=n_seed)
+    seeds = (rng.sample(seed_pairs, n_seed) if n_seed <= len(seed_pairs)  # without replacement
+             else rng.choices(seed_pairs, k=n_seed))
     return kept + seeds
 
 
@@ -433,7 +428,7 @@ def dpo_micro_batch(model, ref_unet, scheduler, x0, t, noise, cond, beta):
     shared = (noise, t.repeat(2))                                   # (2b, C, h, w), (2b,)
     cond = map_cond(lambda v: torch.cat([v, v]), cond)              # (2b, L, D)
     err_theta = denoising_error(model, scheduler, x0, *shared, cond)                 # (2b,)
-    with torch.no_grad():
+    with torch.no_grad(), own_dtype(ref_unet):  # the reference in its own precision (plumbing)
         err_ref = denoising_error(ref_unet, scheduler, x0, *shared, cond)            # (2b,)
     loss, inside = dpo_loss(*err_theta.chunk(2), *err_ref.chunk(2), beta)
     return loss, inside, err_theta.detach(), err_ref
@@ -558,15 +553,11 @@ def training_schedule(pipe):
     return schedule_on(kind.from_config(pipe.scheduler.config), pipe.device)
 
 
-def encode_images(vae, images, noise):
-    """Images (B, 3, H, W) in [-1, 1] -> latents x_0 (B, C, H/f, W/f), as the denoiser expects.
-
-    x_0 is a sample of the VAE's posterior, mean + std * noise (Diffusion-DPO's latent_dist.sample()),
-    the (B, 4, h, w) noise passed in so that a resumed run and every process draw the same one.
-    """
-    with torch.no_grad():
-        posterior = vae.encode(images.to(vae.dtype)).latent_dist
-        x0 = posterior.mean.float() + posterior.std.float() * noise.to(images.device)
+def posterior_sample(vae, mean, std, noise):
+    """x_0 (B, C, h, w) as the denoiser expects it, from the VAE's posterior of images (mean, std:
+    plumbing.vae_posterior) and a (B, C, h, w) noise: mean + std * noise, Diffusion-DPO's
+    latent_dist.sample() with the noise passed in so that a resume and every process draw the same."""
+    x0 = mean.float() + std.float() * noise.to(mean.device)
     return (x0 - (vae.config.shift_factor or 0)) * vae.config.scaling_factor  # SD3, FLUX: shifted
 
 
@@ -582,20 +573,20 @@ def decode_latents(vae, latents):
 # 8. Data: seed pairs, prompts, images, latents
 # =================================================================================================
 
-def training_latents(pipe, batch, posterior_noise, resolution):
+def training_latents(pipe, batch, posterior_noise, posteriors):
     """x_0 of a micro-batch's winners then losers: (2b, C, h, w).
 
     A self-labelled pair trains on exactly the latents Eq. 8 ranked, saved when it was judged (a
     round trip through its PNG and the VAE moves a latent by ~25% and reorders the ranking, SPEC
-    section 2). Seed pairs are images: encoded as in Diffusion-DPO, with the step's posterior noise.
+    section 2). Seed pairs are images: their VAE posteriors (`posteriors`, plumbing.Posteriors: kept
+    once a run on real models), sampled as in Diffusion-DPO with the step's posterior noise.
     """
     x0 = torch.empty((2, len(batch), *posterior_noise.shape[2:]), device=pipe.device)  # (2,b,C,h,w)
     images = [i for i, pair in enumerate(batch) if "chosen_latents" not in pair]
     if images:
-        pixels = torch.stack([load_image(batch[i][key], resolution) for key in ("chosen", "rejected")
-                              for i in images])                                   # (2e, 3, R, R)
-        encoded = encode_images(pipe.vae, pixels.to(pipe.device),
-                                posterior_noise[:, images].flatten(0, 1))         # (2e, C, h, w)
+        mean, std = posteriors([batch[i][key] for key in ("chosen", "rejected") for i in images])
+        encoded = posterior_sample(pipe.vae, mean, std,
+                                   posterior_noise[:, images].flatten(0, 1))      # (2e, C, h, w)
         x0[:, images] = encoded.view(2, len(images), *x0.shape[2:])
     for i, pair in enumerate(batch):
         if "chosen_latents" in pair:
@@ -635,7 +626,8 @@ def accumulate_gradients(model, ref_unet, pipe, scheduler, data, args, run, scal
     sums = torch.zeros(5, device=pipe.device)
     for offset in mine:
         part = slice(offset, offset + micro)
-        x0 = training_latents(pipe, batch[part], posterior_noise[:, part], args.resolution)
+        x0 = training_latents(pipe, batch[part], posterior_noise[:, part],
+                              run.posteriors or Posteriors(pipe.vae, args.resolution))
         cond = encode_text(pipe, prompts[part], args)                               # (b, L, D)
         # DDP averages gradients over processes at the last micro-batch's backward only
         last = offset == mine[-1]
@@ -839,7 +831,7 @@ def judge_agreement(pipe, judge_ref, heldout, args):
     for start in range(0, len(heldout), per_call):
         pairs = heldout[start:start + per_call]
         means = torch.zeros((2, len(pairs), *latent_shape))  # posterior noise 0: the means
-        x0 = training_latents(pipe, pairs, means, args.resolution)               # (2P, C, h, w)
+        x0 = training_latents(pipe, pairs, means, Posteriors(pipe.vae, args.resolution))  # (2P,C,h,w)
         cond = encode_text(pipe, [pair["prompt"] for pair in pairs] * 2, args)
         with judging(pipe, args):  # in --reward-precision
             rewards = implicit_reward(denoiser(pipe), judge_ref, x0, cond, scheduler, args.beta,
@@ -886,6 +878,7 @@ def finish_stage(pipe, args, run, data, stage, started, summary, judge_base):
 TINY_PRESET = dict(resolution=16, sampler="ddim", sample_steps=10, guidance_scale=4.0,
                    effective_batch=16, micro_batch=16, lr=3e-5, dpo_steps=40, prompts_per_iter=18,
                    generation_batch=144, checkpoint_every=10, warmup_steps=0,
+                   cache_posteriors=False,  # its numbers bit for bit (plumbing.Posteriors)
                    seed_pairs=str(tiny_world.SEED_PAIRS), prompts=str(tiny_world.PROMPTS_FILE),
                    heldout_pairs=str(tiny_world.HELDOUT_PAIRS))
 # SDXL: the paper's SDXL settings (SPEC section 3): 2 iterations, Adafactor, DDIM 20 steps, CFG 5.
@@ -941,6 +934,9 @@ def start_run(argv, rank, world, device, say):
     pipe = load_pipeline(base_model(args, run), device)
     check_model(pipe, args)
     check_disk_space(run.out, denoiser(pipe), args)
+    if args.cache_posteriors:  # chunks of a micro-batch's images: no more VAE memory than a step's
+        run.posteriors = Posteriors(pipe.vae, args.resolution, [pair[key] for pair in data[
+            "seed_pairs"] for key in ("chosen", "rejected")], 2 * args.micro_batch)
     return args, data, run, pipe
 
 

@@ -367,8 +367,9 @@ def test_judge_agreement_is_a_plain_loop_over_eq8_with_the_human_winner_first(pi
     scores = []
     for pair in held:
         cond = cond_for(pipe, [pair["prompt"]])
-        r_w, r_l = [sail.implicit_reward(theta.unet, pipe.unet, sail.encode_images(
-            pipe.vae, plumbing.load_image(pair[key], 16)[None], torch.zeros(1, *shape)),  # the mean
+        r_w, r_l = [sail.implicit_reward(theta.unet, pipe.unet, sail.posterior_sample(
+            pipe.vae, *plumbing.vae_posterior(pipe.vae, plumbing.load_image(pair[key], 16)[None]),
+            torch.zeros(1, *shape)),  # the mean
             cond, pipe.scheduler, 5000.0, 2, plumbing.seeded(0, "heldout"))
             for key in ("chosen", "rejected")]                                   # winner first
         scores.append(0.5 if torch.isclose(r_w, r_l) else float(r_w > r_l))
@@ -405,15 +406,18 @@ def test_velocity_error_is_noise_error_over_one_minus_sigma_squared():
                                (1 - sigma.flatten()) ** 2 * ((v_hat - v) ** 2).mean(dim=(1, 2, 3)))
 
 
-def test_flow_timesteps_are_drawn_logit_normal_and_sd_timesteps_uniformly():
-    flow, ddpm = FlowMatchEulerDiscreteScheduler(shift=3.0), DDPMScheduler()
-    drawn = sail.draw_timesteps(flow, 20000, torch.Generator().manual_seed(0))
-    u = torch.sigmoid(torch.randn(20000, generator=torch.Generator().manual_seed(0)))
-    assert torch.equal(drawn, (u * 1000).long())                # t = floor(1000 u), u logit-normal
-    assert abs((drawn < 500).float().mean().item() - 0.5) < 0.02  # symmetric around the middle
-    assert (drawn < 100).float().mean().item() < 0.02           # few at the ends, unlike U{0..999}
-    sd = sail.draw_timesteps(ddpm, 50, torch.Generator().manual_seed(0))
-    assert torch.equal(sd, torch.randint(0, 1000, (50,), generator=torch.Generator().manual_seed(0)))
+def test_timesteps_are_drawn_uniformly_and_a_flow_models_shift_moves_sigma():
+    """t ~ U{0..999} for SD and flow models alike (results/flow-t/); SD3's shift 3 lives in its
+    sigmas: sigma(t) = 3s / (1 + 2s) at s = 1 - t/1000 puts the median sigma at 0.75, not 0.5."""
+    for scheduler in (DDPMScheduler(), FlowMatchEulerDiscreteScheduler(shift=3.0)):
+        drawn = sail.draw_timesteps(scheduler, 50, torch.Generator().manual_seed(0))
+        assert torch.equal(drawn, torch.randint(0, 1000, (50,), generator=torch.Generator().manual_seed(0)))
+    flow = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    t = sail.draw_timesteps(flow, 20000, torch.Generator().manual_seed(1))
+    assert t.min() == 0 and t.max() == 999  # both ends of the schedule are trained
+    x0, noise = torch.zeros(20000, 1, 1, 1), torch.ones(20000, 1, 1, 1)
+    sigma = sail.noisy_latents(flow, x0, noise, t).flatten()  # x_t = sigma at x_0 = 0, eps = 1
+    assert abs(sigma.median().item() - 0.75) < 0.01
 
 
 # =================================================================================================

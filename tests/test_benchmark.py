@@ -1,6 +1,7 @@
 """bench.py: the CPU benchmark and --gpu-figures at toy sizes."""
 
 import csv
+import json
 
 import pytest
 import torch
@@ -69,10 +70,14 @@ def test_gpu_figures_toy_writes_every_row_of_every_part(tmp_path):
     assert [(r["measure"], r["precision"]) for r in part2] == [
         ("official train.py step", "fp16"), ("sail.diffusion_dpo step", "fp16"),
         ("sail.diffusion_dpo step", "bf16"), ("sail.diffusion_dpo step", "bf16"),
-        ("sail.diffusion_dpo step", "bf16")]
+        ("sail.diffusion_dpo step", "bf16"), ("sail.diffusion_dpo step", "bf16"),
+        ("reference in its own dtype vs under autocast", "bf16"),
+        ("reference in its own dtype vs under autocast", "fp16")]
     batch = f"{bench.TOY_SIZES['dpo_pairs']} pairs/step"
-    assert [r["setting"] for r in part2] == [batch] * 3 + [f"{batch}, 5 steps per call", batch]
+    assert [r["setting"] for r in part2[:6]] == [batch] * 3 + [f"{batch}, 5 steps per call"] + [batch] * 2
     assert int(part2[3]["units"]) == 5 * bench.TOY_SIZES["dpo_pairs"]
+    assert ["no VAE" in r["note"] for r in part2[1:6]] == [True] * 3 + [False] * 2
+    assert all("loss change" in r["note"] and r["value"] != "" for r in part2[6:])
     # part 3: one row per judge and move of theta, each with its spread and the real one
     part3 = [r for r in rows if r["part"] == "3"]
     assert [r["measure"] for r in part3] == [
@@ -86,8 +91,28 @@ def test_gpu_figures_toy_writes_every_row_of_every_part(tmp_path):
     assert len([r for r in rows if r["part"] == "5"]) == (3 if HAS_PEFT else 1)
     part4 = [r["measure"] for r in rows if r["part"] == "4" and r["per_second"]]
     assert len(part4) == 2 + HAS_PEFT and ("LoRA" in part4[-1]) == HAS_PEFT
+    # part 6: generation per call size and precision, channels-last, torch.compile; ranking
+    part6 = [(r["measure"], r["precision"], r["setting"]) for r in rows if r["part"] == "6"]
+    calls = bench.TOY_SIZES["rate_calls"].split(",")
+    assert part6[:2 * len(calls) + 2] == [
+        ("generation", precision, f"{size} images per call, autocast")
+        for precision in ("bf16", "fp16") for size in calls] + [
+        ("generation", "bf16", f"{calls[-1]} images per call, {option}")
+        for option in ("channels-last", "torch.compile")]
+    assert part6[2 * len(calls) + 2][0] == "torch.compile's compile time"
+    assert [(m, p) for m, p, _ in part6[-6:]] == [("ranking (Eq. 8)", f"judge {j}")
+                                                  for j in ("fp32", "fp16") for _ in range(3)]
+    # summary.json: every figure the issue names, the projection computed from them
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["device"] == "cpu" and summary["toy"] is True
+    for name in ("dpo_vs_official", "dpo_memory_vs_official", "generation_images_per_s",
+                 "ranking_fp32_images_per_s", "ranking_fp16_images_per_s", "paper_iteration_hours"):
+        assert summary[name] > 0, name
+    assert summary["paper_iteration_hours"] == pytest.approx(
+        (80_000 / summary["generation_images_per_s"] + 80_000 / summary["ranking_fp32_images_per_s"]
+         + 40_000 / summary["dpo_pairs_per_s"]) / 3600)
     text = (out / "results.md").read_text()
-    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "/ official: pairs/s"):
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 6.", "/ official: pairs/s", "summary.json"):
         assert heading in text
     assert "part 4: SDXL-shaped pipeline built" in (out / "log").read_text()
 

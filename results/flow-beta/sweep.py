@@ -7,6 +7,12 @@ steps.csv (loss and implicit_acc per DPO step, mean over seeds) and the table in
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python results/flow-beta/sweep.py            # run + collect
     python results/flow-beta/sweep.py --collect-only
+
+The runs behind summary.csv drew t logit-normal (sail.py then); sail.py draws it uniformly now
+(results/flow-t/), so running it again gives other numbers. The check of β under uniform t:
+
+    python results/flow-beta/sweep.py --betas 100,300,1000 --runs runs/flow-beta-uniform \
+        --results results/flow-beta/uniform
 """
 
 import argparse
@@ -42,9 +48,9 @@ def finished(folder):
                                  for line in path.read_text().splitlines())
 
 
-def run_all(runs):
+def run_all(runs, betas):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    for beta in BETAS:
+    for beta in betas:
         for seed in SEEDS:
             folder = run_folder(runs, beta, seed)
             if finished(folder):
@@ -66,9 +72,9 @@ def mean_std(values):
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def collect(runs):
+def collect(runs, betas, results):
     rows, steps = [], []
-    for beta in BETAS:
+    for beta in betas:
         per_seed = []
         for seed in SEEDS:
             records = [json.loads(line) for line in
@@ -93,7 +99,7 @@ def collect(runs):
                               **{name: statistics.mean(s[i][name] for s in stage_steps)
                                  for name in STEP}})
     for name, table in (("summary.csv", rows), ("steps.csv", steps)):
-        with open(HERE / name, "w", newline="") as handle:
+        with open(results / name, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(table[0]))
             writer.writeheader()
             writer.writerows(table)
@@ -133,11 +139,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default=str(ROOT / "runs" / "flow-beta"),
                         help="where the run folders go (default: %(default)s)")
+    parser.add_argument("--betas", default=",".join(map(str, BETAS)))
+    parser.add_argument("--results", default=str(HERE), help="where summary.csv and steps.csv go")
     parser.add_argument("--collect-only", action="store_true")
     args = parser.parse_args()
+    betas = [int(beta) for beta in args.betas.split(",")]
     if not args.collect_only:
-        run_all(args.runs)
-    print(table(collect(args.runs)))
+        run_all(args.runs, betas)
+    Path(args.results).mkdir(exist_ok=True)
+    print(table(collect(args.runs, betas, Path(args.results))))
 
 
 if __name__ == "__main__":

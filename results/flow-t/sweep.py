@@ -1,12 +1,12 @@
 """t's density for flow models, measured in the tiny flow world (issue 28, part 3).
 
-sail.py draws a flow model's t logit-normal (SD3's training density) for Eq. DPO's loss and for
-Eq. 8's K draws alike; diffusers' FLUX script trains with uniform t. This runs
-`sail.py --tiny-model flow --iters 2 --seed S` in-process with `sail.draw_timesteps` replaced per
-call site: the loss's draws (dpo_step_data) and Eq. 8's (everything else) each logit-normal (ln)
-or uniform (u), for every variant in VARIANTS and S in SEEDS, two runs at a time, one thread
-each; then writes summary.csv (mean and std over seeds per variant, after iter_2) and the table
-in README.md. A finished run is kept and not run again.
+sail.py draws a flow model's t uniformly (sail.draw_timesteps) for Eq. DPO's loss and for Eq. 8's
+K draws alike, as these runs chose; SD3's training density is logit-normal (diffusers' SD3 script
+default; its FLUX script's is uniform). This runs `sail.py --tiny-model flow --iters 2 --seed S`
+in-process with each call site's draw chosen: the loss's (dpo_step_data) and Eq. 8's (everything
+else) each logit-normal (ln) or uniform (u, sail.py's own), for every variant in VARIANTS and S in
+SEEDS, two runs at a time, one thread each; then writes summary.csv (mean and std over seeds per
+variant, after iter_2) and the tables in README.md. A finished run is kept and not run again.
 
     python results/flow-t/sweep.py                  # run + collect (about 8 minutes on 2 cores)
     python results/flow-t/sweep.py --collect-only
@@ -25,8 +25,8 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")  # the runs' own lines, not their bars
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-VARIANTS = {"ln/ln (today)": ("ln", "ln"), "u/u": ("u", "u"), "u/ln": ("u", "ln")}  # loss/Eq. 8
-SEEDS = (0, 1, 2)
+VARIANTS = {"ln/ln": ("ln", "ln"), "u/u (sail.py)": ("u", "u"), "u/ln": ("u", "ln")}  # loss/Eq. 8
+SEEDS = (0, 1, 2, 3, 4)
 METRICS = ("annotator", "annotator/seen", "annotator/unseen", "fidelity", "judge_acc/heldout",
            "self_label_acc")
 
@@ -46,9 +46,10 @@ def one_run(variant, seed, runs):
     real_draw, real_step_data = sail.draw_timesteps, sail.dpo_step_data
 
     def draw_timesteps(scheduler, n, generator):
-        if densities[site[0]] == "ln":
+        if densities[site[0]] == "u":
             return real_draw(scheduler, n, generator)
-        return torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
+        T = scheduler.config.num_train_timesteps  # t = floor(T u), u ~ logit-normal(0, 1)
+        return (torch.sigmoid(torch.randn(n, generator=generator)) * T).long().clamp(max=T - 1)
 
     def dpo_step_data(*args, **kwargs):
         site[0] = "loss"
@@ -80,15 +81,33 @@ def collect(runs):
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    base = [json.loads((folder(runs, "ln/ln (today)", s) / "base" / "summary.json").read_text())
+    base = [json.loads((folder(runs, "ln/ln", s) / "base" / "summary.json").read_text())
             for s in SEEDS]
-    lines = ["| t density, loss / Eq. 8 (after iter_2, seeds 0-2) | " + " | ".join(METRICS) + " |",
+    lines = [f"| t density, loss / Eq. 8 (after iter_2, seeds {SEEDS[0]}-{SEEDS[-1]}) | "
+             + " | ".join(METRICS) + " |",
              "|---" * (len(METRICS) + 1) + "|",
              "| base | " + " | ".join(f"{statistics.mean(b[m] for b in base):.3f}" if m in base[0]
                                      else "" for m in METRICS) + " |"]
     lines += [f"| {r['variant']} | " + " | ".join(f"{r[m]:.3f} ± {r[m + ' std']:.3f}" for m in METRICS)
               + " |" for r in rows]
+    lines += ["", "| variant minus ln/ln | " + " | ".join(PAIRED) + " |", "|---" * (len(PAIRED) + 1) + "|"]
+    lines += [f"| {variant} | " + " | ".join(paired(runs, variant, m) for m in PAIRED) + " |"
+              for variant in list(VARIANTS)[1:]]
     return "\n".join(lines)
+
+
+PAIRED = ("annotator", "fidelity", "judge_acc/heldout")
+
+
+def paired(runs, variant, metric):
+    """variant minus ln/ln, paired by seed: mean +- std, each seed's difference, 2 standard errors,
+    and 'beyond' when the mean is more than 2 SE from 0 (the evidence study's rule)."""
+    final = lambda v, s: json.loads((folder(runs, v, s) / "iter_2" / "summary.json").read_text())
+    diffs = [final(variant, s)[metric] - final("ln/ln", s)[metric] for s in SEEDS]
+    mean, std = statistics.mean(diffs), statistics.stdev(diffs)
+    two_se = 2 * std / len(diffs) ** 0.5
+    return (f"{mean:+.3f} ± {std:.3f} ({', '.join(f'{d:+.2f}' for d in diffs)}; 2 SE {two_se:.3f}): "
+            + ("beyond" if abs(mean) > two_se else "inside"))
 
 
 def main(argv=None):

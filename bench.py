@@ -221,6 +221,52 @@ class Bench:
         return lambda: sail.diffusion_dpo(self.pipe, self.ref, self.seed_pairs, args, "iter_0", run)
 
 
+def posterior_cache_gain(device, resolution, pairs, out, quick):
+    """--cache-gain: one Diffusion-DPO step of `pairs` pairs (sail.diffusion_dpo, the default
+    precision) on the SD 1.5 shape (--quick: the tiny base), with the VAE encoding the seed
+    pairs' images in the step (--no-cache-posteriors) and with their posteriors kept
+    (--cache-posteriors: the step only draws x_0), PNGs decoded ahead in both; median of 2 steps
+    after one. The same step otherwise: the gain is the VAE's share of a step."""
+    seed_pairs = plumbing.read_seed_pairs(Path(__file__).parent / "seed_pairs.json")[:pairs]
+    images = [pair[key] for pair in seed_pairs for key in ("chosen", "rejected")]
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        pipe = (plumbing.load_pipeline(str(tiny_world.BASE), device) if quick else
+                plumbing.prepare_pipeline(sd15_shaped_pipeline(scratch), device))
+        args = sail.Args(resolution=resolution, precision=plumbing.default_precision(),
+                         effective_batch=pairs, micro_batch=pairs, dpo_steps=1, lr=1e-6,
+                         checkpoint_every=2)
+        sail.cast_frozen_models(pipe, args.precision)
+        reference = sail.begin_round(pipe, args, "iter_0")
+        with patched(plumbing, load_image=cached_image_loader(seed_pairs, resolution)):
+            for kept in (False, True):
+                run = sail.Run(scratch / f"kept-{kept}", args)
+                run.out.mkdir()
+                run.open_log()
+                if kept:  # as sail.start_run keeps them, filled before the timed steps
+                    run.posteriors = plumbing.Posteriors(pipe.vae, resolution, images, 2 * pairs)
+                    run.posteriors(images)
+                seconds, peak, _ = measure(lambda: sail.diffusion_dpo(
+                    pipe, reference, seed_pairs, args, "iter_0", run), 2, device)
+                run.log_file.close()
+                rows.append((kept, seconds, peak))
+    machine = (torch.cuda.get_device_name() if device.type == "cuda"
+               else f"CPU, {torch.get_num_threads()} threads, peak resident memory")
+    lines = [f"Machine: {machine}; torch {torch.__version__}; "
+             f"{'the tiny base' if quick else 'SD 1.5-shaped, random weights'}, {resolution} px, "
+             f"{args.precision}; one DPO step of {pairs} pairs (sail.diffusion_dpo), PNGs decoded "
+             "ahead; median of 2 steps after one.", "",
+             "| seed pairs' VAE posteriors | s/step | pairs/s | peak MB |", "|---|---|---|---|"]
+    lines += [f"| {'kept (--cache-posteriors)' if kept else 'encoded in the step'} | {seconds:.3f} | "
+              f"{pairs / seconds:.3g} | {peak:.0f} |" for kept, seconds, peak in rows]
+    lines += ["", f"Kept: {rows[0][1] / rows[1][1]:.2f}x the pairs/s of encoding in the step."]
+    out.mkdir(parents=True)
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print((out / "results.md").read_text())
+    return 0
+
+
 def clip_text_config(tokenizer, **sizes):
     """CLIP ViT-L/14's text encoder (SD 1.5's, SDXL's first), `sizes` overriding its config."""
     return CLIPTextConfig(**{
@@ -1581,7 +1627,11 @@ def main(argv=None):
     parser.add_argument("--memory", action="store_true",
                         help="instead: peak memory of one SD 1.5-shaped DPO step per memory "
                              "option (precision, gradient checkpointing, optimizer)")
-    parser.add_argument("--pairs", type=int, default=1, help="--memory only: pairs per micro-batch")
+    parser.add_argument("--pairs", type=int, default=1,
+                        help="--memory, --cache-gain: pairs per micro-batch")
+    parser.add_argument("--cache-gain", action="store_true",
+                        help="instead: an SD 1.5-shaped DPO step with the seed pairs' VAE "
+                             "posteriors kept and encoded in the step (--resolution, --pairs)")
     parser.add_argument("--reward-precision-of", metavar="RUN",
                         help="instead: Eq. 8 per --reward-precision on a tiny-world run's step-0 "
                              "model against its base (the README's tiny-world table)")
@@ -1625,6 +1675,8 @@ def main(argv=None):
     if options.memory:
         memory(device, options.pairs, options.resolution, out)
         return 0
+    if options.cache_gain:
+        return posterior_cache_gain(device, options.resolution, options.pairs, out, options.quick)
     if options.sd15_shaped:  # SD 1.5's own settings: N = 8, K = 10, DDPM 50 steps, 128 pairs
         args = sail.Args(resolution=options.resolution, precision=plumbing.default_precision())
         args.lr = 1e-8 * args.effective_batch

@@ -154,3 +154,13 @@ def test_gpu_figures_toy_part_5_measures_a_flux_lora_stage(tmp_path):
         "DPO step", "generation", "Eq. 8 in fp32 layer by layer"]
     assert all(r["status"] == "ok" and float(r["peak_gib"]) > 0 for r in rows)
     assert "## 5. A FLUX.1-shaped LoRA stage" in (out / "results.md").read_text()
+
+
+def test_cache_gain_times_the_same_step_with_posteriors_encoded_and_kept(tmp_path):
+    import bench
+    out = tmp_path / "gain"
+    assert bench.main(["--cache-gain", "--quick", "--resolution", "16", "--pairs", "2",
+                       "--out", str(out)]) == 0
+    text = (out / "results.md").read_text()
+    assert "| encoded in the step |" in text and "| kept (--cache-posteriors) |" in text
+    assert "x the pairs/s of encoding in the step" in text

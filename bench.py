@@ -1009,6 +1009,9 @@ def throughput_options(figures, model):
                     note=f"paid back after {pays_back:.0f} images" if plain > compiled
                     else "never paid back: no faster than channels-last uncompiled")
     pipe.unet = unet
+    del work
+    torch._dynamo.reset()  # drop the compiled graphs and the fake tensors they hold
+    gc.collect()
     # Eq. 8: theta the fp32 UNet, the reference a frozen copy in the judge's precision
     scheduler = sail.training_schedule(pipe)
     cond = sail.encode_text(pipe, ["a red circle"], settings)

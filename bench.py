@@ -1491,7 +1491,9 @@ class Tee:
 
 
 def gpu_figures(device, out, options):
-    """The five parts in the order that keeps the costliest (fp32 generation) last."""
+    """The six parts: 1 (bf16, fp16), 2, 6, 3, 4, 5, then part 1 in fp32, the costliest, last;
+    --budget-s skips what would end after it (about 10 minutes for all on an H100; issue 29's
+    figures alone: --parts 1,2,6 --precisions bf16, about 6 minutes)."""
     sizes = dict(TOY_SIZES if options.toy else GPU_SIZES)
     for item in filter(None, (options.sizes or "").split(",")):
         key, _, value = item.partition("=")
@@ -1552,6 +1554,9 @@ def gpu_figures(device, out, options):
         if 2 in parts:
             attempt(2, "official vs sail", "", EXPECTED_SECONDS[2], lambda: official_versus_sail(
                 figures, model, seed_pairs, scratch, sizes["repeats"]))
+        if 6 in parts:  # issue 29's figures before the parts that measured earlier issues
+            attempt(6, "generation and ranking options", "", EXPECTED_SECONDS[6],
+                    lambda: throughput_options(figures, model))
         if 3 in parts:
             attempt(3, "Eq. 8 spread", "", EXPECTED_SECONDS[3], lambda: reward_spread(
                 figures, model, seed_pairs, scratch))
@@ -1561,9 +1566,6 @@ def gpu_figures(device, out, options):
         if 5 in parts:
             attempt(5, "FLUX.1 LoRA stage", "bf16", EXPECTED_SECONDS[5], lambda: flux_lora_stage(
                 figures, scratch))
-        if 6 in parts:
-            attempt(6, "generation and ranking options", "", EXPECTED_SECONDS[6],
-                    lambda: throughput_options(figures, model))
         if 1 in parts and "fp32" in figures.precisions:
             attempt(1, "whole run", "fp32", EXPECTED_SECONDS["fp32"], lambda: whole_runs(
                 figures, model, seed_pairs_file, scratch, "fp32"))
@@ -1642,8 +1644,8 @@ def main(argv=None):
                         help="instead: Eq. 8 on a half-precision base, on a tiny-world LoRA run's "
                              "step-0 adapters against its base (docs/lora.md)")
     parser.add_argument("--gpu-figures", action="store_true",
-                        help="instead: the GPU figures (docs/real-models.md) in one run of at most 8 "
-                             "minutes (parts 1-4, see the section's comment in bench.py)")
+                        help="instead: the GPU figures (docs/real-models.md) in one run, parts "
+                             "1-6 (bench.gpu_figures; --budget-s skips what would not fit)")
     parser.add_argument("--toy", action="store_true",
                         help="--gpu-figures only: toy sizes and tiny models (CPU, seconds)")
     parser.add_argument("--parts", default="1,2,3,4,5,6", help="--gpu-figures only: which parts")

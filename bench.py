@@ -228,7 +228,6 @@ def posterior_cache_gain(device, resolution, pairs, out, quick):
     (--cache-posteriors: the step only draws x_0), PNGs decoded ahead in both; median of 2 steps
     after one. The same step otherwise: the gain is the VAE's share of a step."""
     seed_pairs = plumbing.read_seed_pairs(Path(__file__).parent / "seed_pairs.json")[:pairs]
-    images = [pair[key] for pair in seed_pairs for key in ("chosen", "rejected")]
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
@@ -245,8 +244,8 @@ def posterior_cache_gain(device, resolution, pairs, out, quick):
                 run.out.mkdir()
                 run.open_log()
                 if kept:  # as sail.start_run keeps them, filled before the timed steps
-                    run.posteriors = plumbing.Posteriors(pipe.vae, resolution, images, 2 * pairs)
-                    run.posteriors(images)
+                    run.posteriors = plumbing.kept_posteriors(pipe.vae, seed_pairs, args)
+                    run.posteriors(list(run.posteriors.chunk_of))
                 seconds, peak, _ = measure(lambda: sail.diffusion_dpo(
                     pipe, reference, seed_pairs, args, "iter_0", run), 2, device)
                 run.log_file.close()
@@ -800,8 +799,7 @@ def official_versus_sail(figures, model, seed_pairs, scratch, repeats):
         replacements = dict(make_optimizer=lambda params, make_args: count_steps(
             make_optimizer(params, make_args), taken))
         if cached == "posteriors":  # as sail.start_run keeps them, filled before the timed steps
-            run.posteriors = plumbing.Posteriors(pipe.vae, resolution, [
-                pair[key] for pair in pairs for key in ("chosen", "rejected")], 2 * batch)
+            run.posteriors = plumbing.kept_posteriors(pipe.vae, pairs, run_args)
             run.posteriors(list(run.posteriors.chunk_of))
         with patched(sail, **replacements), patched(plumbing, load_image=load if cached else
                                                     plumbing.load_image):
@@ -974,7 +972,7 @@ def throughput_options(figures, model):
         return lambda: sail.generate(pipe, prompts[:images // n], n, run_settings,
                                      torch.Generator(device).manual_seed(0))
 
-    def add_generation(images, precision, option, work, note=""):
+    def add_generation(images, precision, option, work):
         row = dict(part=6, measure="generation", precision=precision,
                    setting=f"{images} images per call, {option}")
         try:
@@ -984,7 +982,7 @@ def throughput_options(figures, model):
             return None
         figures.add(**row, seconds=seconds, units=images, unit="images", peak_gib=peak / 1024,
                     value=images / seconds * steps / 50,
-                    note=f"{steps} steps a call; value: images/s at 50 steps{note}")
+                    note=f"{steps} steps a call; value: images/s at 50 steps")
         return seconds
     calls = [int(size) for size in sizes["rate_calls"].split(",")]  # images per pipeline call
     for precision in ("bf16", "fp16"):

@@ -308,6 +308,13 @@ class Posteriors:
         return torch.stack(mean).to(self.vae.device), torch.stack(std).to(self.vae.device)
 
 
+def kept_posteriors(vae, seed_pairs, args):
+    """--cache-posteriors: the seed pairs' images, their posteriors kept once a run, in chunks of a
+    micro-batch's images (2 x --micro-batch: no more VAE memory than a step's encoding)."""
+    images = [pair[key] for pair in seed_pairs for key in ("chosen", "rejected")]
+    return Posteriors(vae, args.resolution, images, 2 * args.micro_batch)
+
+
 def load_image(path, resolution):
     """Image file -> (3, R, R) tensor in [-1, 1]: resize the short side, centre-crop."""
     with Image.open(path) as image:

@@ -63,10 +63,10 @@ from plumbing import (InputError, Interrupted, LORA_LR, Posteriors, Rounds, Run,
                       absolute_paths, autocast, base_model, base_references, begin_lora_round,
                       cast_frozen_models, check_disk_space, check_model, check_new_folder,
                       check_settings, default_precision, denoiser, explain_the_mix, flag_parser,
-                      frozen_copy, judging, last_loss_scale, latent_shape_of, load_pipeline,
-                      make_optimizer, map_cond, opening_line, own_dtype, pair_paths, parse_flags,
-                      pipeline_class, read_data, refuse_changes, restore_model, run_folder,
-                      save_grid, save_image, save_model, save_pairs_json, saved_model,
+                      frozen_copy, judging, kept_posteriors, last_loss_scale, latent_shape_of,
+                      load_pipeline, make_optimizer, map_cond, opening_line, own_dtype, pair_paths,
+                      parse_flags, pipeline_class, read_data, refuse_changes, restore_model,
+                      run_folder, save_grid, save_image, save_model, save_pairs_json, saved_model,
                       saved_settings, schedule_on, seeded, set_sampler, setup_processes,
                       starting_noise, write_config)
 
@@ -934,9 +934,8 @@ def start_run(argv, rank, world, device, say):
     pipe = load_pipeline(base_model(args, run), device)
     check_model(pipe, args)
     check_disk_space(run.out, denoiser(pipe), args)
-    if args.cache_posteriors:  # chunks of a micro-batch's images: no more VAE memory than a step's
-        run.posteriors = Posteriors(pipe.vae, args.resolution, [pair[key] for pair in data[
-            "seed_pairs"] for key in ("chosen", "rejected")], 2 * args.micro_batch)
+    if args.cache_posteriors:  # the seed pairs' VAE posteriors, encoded once a run
+        run.posteriors = kept_posteriors(pipe.vae, data["seed_pairs"], args)
     return args, data, run, pipe
 
 

@@ -189,11 +189,12 @@ def tensor_bytes(exclude=()):
     """Bytes of every tensor storage the process holds, except those in `exclude` (data_ptr).
     Tensors without data (meta, and the fake tensors torch.compile leaves behind in an earlier
     test, bench.py's part 6) hold no memory."""
+    from torch._subclasses.fake_tensor import FakeTensor
     gc.collect()
     storages = {}
     for obj in gc.get_objects():
         if (isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta
-                and type(obj) in (torch.Tensor, torch.nn.Parameter)):
+                and not isinstance(obj, FakeTensor)):
             storage = obj.untyped_storage()
             if storage.data_ptr() not in exclude:
                 storages[storage.data_ptr()] = storage.nbytes()

@@ -69,12 +69,12 @@ def one_run(variant, seed, runs):
 
 def collect(runs):
     rows = []
+    finals = {variant: [json.loads((folder(runs, variant, s) / "iter_2" / "summary.json").read_text())
+                        for s in SEEDS] for variant in VARIANTS}  # per variant, per seed
     for variant in VARIANTS:
-        finals = [json.loads((folder(runs, variant, s) / "iter_2" / "summary.json").read_text())
-                  for s in SEEDS]
         row = {"variant": variant}
         for m in METRICS:
-            values = [f[m] for f in finals]
+            values = [f[m] for f in finals[variant]]
             row[m], row[m + " std"] = statistics.mean(values), statistics.stdev(values)
         rows.append(row)
     with open(HERE / "summary.csv", "w", newline="") as handle:
@@ -91,7 +91,7 @@ def collect(runs):
     lines += [f"| {r['variant']} | " + " | ".join(f"{r[m]:.3f} ± {r[m + ' std']:.3f}" for m in METRICS)
               + " |" for r in rows]
     lines += ["", "| variant minus ln/ln | " + " | ".join(PAIRED) + " |", "|---" * (len(PAIRED) + 1) + "|"]
-    lines += [f"| {variant} | " + " | ".join(paired(runs, variant, m) for m in PAIRED) + " |"
+    lines += [f"| {variant} | " + " | ".join(paired(finals, variant, m) for m in PAIRED) + " |"
               for variant in list(VARIANTS)[1:]]
     return "\n".join(lines)
 
@@ -99,11 +99,10 @@ def collect(runs):
 PAIRED = ("annotator", "fidelity", "judge_acc/heldout")
 
 
-def paired(runs, variant, metric):
+def paired(finals, variant, metric):
     """variant minus ln/ln, paired by seed: mean +- std, each seed's difference, 2 standard errors,
     and 'beyond' when the mean is more than 2 SE from 0 (the evidence study's rule)."""
-    final = lambda v, s: json.loads((folder(runs, v, s) / "iter_2" / "summary.json").read_text())
-    diffs = [final(variant, s)[metric] - final("ln/ln", s)[metric] for s in SEEDS]
+    diffs = [mine[metric] - theirs[metric] for mine, theirs in zip(finals[variant], finals["ln/ln"])]
     mean, std = statistics.mean(diffs), statistics.stdev(diffs)
     two_se = 2 * std / len(diffs) ** 0.5
     return (f"{mean:+.3f} ± {std:.3f} ({', '.join(f'{d:+.2f}' for d in diffs)}; 2 SE {two_se:.3f}): "
